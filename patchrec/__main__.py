@@ -1,0 +1,5 @@
+import sys
+
+from patchrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the release format, raw MovieLens preprocessing, the synthetic default, and samples."""

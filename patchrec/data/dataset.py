@@ -1,0 +1,122 @@
+"""In-memory dataset and sample index: flat numpy arrays, no per-user or per-sample Python objects.
+
+Every loader (release format, raw MovieLens, synthetic) produces a ``Dataset``; training and evaluation read
+``Samples`` made from it (METHOD.md §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+HISTORY_PLACEHOLDER = "[HISTORY_SEQUENCE]"
+
+
+@dataclass
+class Dataset:
+    """A catalog, every user's time-ordered items, and each user's split ranges.
+
+    ``items[user_offsets[u]:user_offsets[u+1]]`` are user ``u``'s item ids in time order;
+    ``splits[name][u] = (s, e)`` is the inclusive range of positions (into that user's items) in the split,
+    ``(-1, -1)`` when the user has none there.
+    """
+
+    name: str
+    titles: list[str]  # index = item id
+    items: np.ndarray  # int32 [N], all users concatenated
+    user_offsets: np.ndarray  # int64 [U+1]
+    user_ids: np.ndarray  # int64 [U], the "user" field of the release
+    splits: dict[str, np.ndarray]  # name -> int64 [U, 2]
+    system_prompt: str
+    user_prompt: str  # contains HISTORY_PLACEHOLDER exactly once
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_offsets) - 1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.titles)
+
+    def user_items(self, u: int) -> np.ndarray:
+        return self.items[self.user_offsets[u] : self.user_offsets[u + 1]]
+
+    def check(self) -> None:
+        """Structural invariants of the arrays (the loaders check the files line by line)."""
+        if self.user_prompt.count(HISTORY_PLACEHOLDER) != 1:
+            raise ValueError(f"user_prompt must contain {HISTORY_PLACEHOLDER} exactly once")
+        offsets = self.user_offsets
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(self.items):
+            raise ValueError("user_offsets must start at 0 and end at len(items)")
+        if np.any(np.diff(offsets) < 0):
+            raise ValueError("user_offsets must be non-decreasing")
+        if len(self.items) and (self.items.min() < 0 or self.items.max() >= self.num_items):
+            raise ValueError(f"items must be ids in [0, {self.num_items})")
+        lengths = np.diff(offsets)
+        for name in SPLITS:
+            ranges = self.splits[name]
+            if ranges.shape != (self.num_users, 2):
+                raise ValueError(f"splits[{name!r}] must have shape [{self.num_users}, 2]")
+            has = ranges[:, 0] >= 0
+            bad = has & ((ranges[:, 1] < ranges[:, 0]) | (ranges[:, 1] >= lengths))
+            if np.any(bad):
+                u = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"splits[{name!r}] range {ranges[u].tolist()} of user {u} is out of bounds")
+
+
+@dataclass
+class Samples:
+    """The samples of one split: for target position ``idx >= 3`` of a user, history = the latest
+    ``max_items`` items before it (METHOD.md §4).
+
+    Stored as absolute indices into ``dataset.items``: history of sample ``i`` is
+    ``items[hist_start[i]:target_index[i]]`` and its target ``items[target_index[i]]``.
+    """
+
+    dataset: Dataset
+    split: str
+    max_items: int
+    user: np.ndarray  # int32 [S], user row
+    hist_start: np.ndarray  # int64 [S]
+    target_index: np.ndarray  # int64 [S]
+    _lengths: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.target_index)
+
+    @property
+    def history_lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = self.target_index - self.hist_start
+        return self._lengths
+
+    def history(self, i: int) -> np.ndarray:
+        return self.dataset.items[self.hist_start[i] : self.target_index[i]]
+
+    def target(self, i: int) -> int:
+        return int(self.dataset.items[self.target_index[i]])
+
+    def targets(self) -> np.ndarray:
+        return self.dataset.items[self.target_index]
+
+
+def make_samples(dataset: Dataset, split: str, max_items: int = 100, min_position: int = 3) -> Samples:
+    """Vectorised sample index of ``split`` (no per-sample Python objects)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    ranges = dataset.splits[split]
+    start = np.maximum(ranges[:, 0], min_position)
+    counts = np.where(ranges[:, 0] >= 0, np.maximum(ranges[:, 1] - start + 1, 0), 0)
+    users = np.repeat(np.arange(dataset.num_users, dtype=np.int32), counts)
+    # position of each sample inside its user's run: 0..count-1
+    run_starts = np.cumsum(counts) - counts
+    within = np.arange(counts.sum(), dtype=np.int64) - np.repeat(run_starts, counts)
+    position = np.repeat(start, counts) + within
+    user_base = dataset.user_offsets[:-1][users]
+    target_index = user_base + position
+    hist_start = user_base + np.maximum(position - max_items, 0)
+    return Samples(dataset, split, max_items, users, hist_start.astype(np.int64), target_index.astype(np.int64))

@@ -1,0 +1,43 @@
+"""Shared test setup.
+
+Triton reads TRITON_INTERPRET when kernels are defined, so it is set here, before any test module imports
+patchrec_kernels. Without CUDA the kernels run in the interpreter on CPU tensors (small shapes only);
+with CUDA they are compiled and the kernel tests run on the GPU.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+os.environ.setdefault("TRITON_INTERPRET", "0" if HAS_CUDA else "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
+
+
+def pytest_collection_modifyitems(config, items):
+    # The one GPU marker: `@pytest.mark.gpu` tests skip cleanly on a CPU-only machine.
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels are exercised: the GPU when there is one, else the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared; the calling test is skipped when it is absent (e.g. a bare clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
