@@ -1,0 +1,364 @@
+"""Packed, padding-free batches: samples + plan -> the inputs of ``patch_embed`` and a varlen Llama.
+
+Row layout of one sequence (one sample, or one view of a pre-training sample):
+
+    prompt prefix (one row per token) | <|start_seq|> | piece <|item_sep|> piece ... piece | <|end_seq|> |
+    prompt suffix (one row per token) | answer title (one row per token)
+
+A TEXT item is one row per title token; an ITEM patch one row with one segment (the title's tokens); a
+SESSION patch one row with one segment per member item. The separator after a patch or session stays; DROP
+items vanish with their separator. The answer's end-of-turn token is a label but NOT an input row (its hidden
+state would predict nothing). Label ``i`` of a sequence with answer ``a_0..a_{m-1}, eot`` is predicted by the
+row just before it: the last suffix row predicts ``a_0``, the row of ``a_{j-1}`` predicts ``a_j``, the row of
+``a_{m-1}`` predicts ``eot``.
+
+Speed: nothing here loops over samples in Python. A chunk of samples is planned as ``[B, L]`` arrays, each
+sequence is laid out as ``2L+3`` "slots" (head, item/separator pairs, tail, answer), every non-empty slot is
+one contiguous range of a single token source (the catalog CSR table followed by the prompt's literal tokens),
+and the batch's token ids, segment offsets and row offsets come from repeat/cumsum over those ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from patchrec.data.dataset import Samples
+from patchrec.plan import DROP, PAD, TEXT, BatchPlan, Planner
+from patchrec.tokens import TokenizedDataset
+
+# Samples planned at once; bounds the [chunk, L] planning arrays (~10 MB at L = 100) while keeping numpy calls
+# large enough that per-call overhead is negligible.
+PLAN_CHUNK = 4096
+
+
+@dataclass
+class PackedBatch:
+    """One token-budget batch of Q sequences (R rows, S segments, T tokens, N labels), all torch tensors.
+
+    ``patch_embed(E, token_ids, seg_offsets, row_offsets)`` gives the [R, D] input of the decoder; attention
+    is varlen over ``cu_seqlens``; the loss reads hidden states at ``label_rows`` only.
+    """
+
+    token_ids: torch.Tensor  # int32 [T]
+    seg_offsets: torch.Tensor  # int64 [S+1], token boundaries of segments
+    row_offsets: torch.Tensor  # int64 [R+1], segment boundaries of rows
+    cu_seqlens: torch.Tensor  # int32 [Q+1], row boundaries of sequences
+    position_ids: torch.Tensor  # int64 [R], restart at 0 in every sequence
+    max_seqlen: int  # rows of the longest sequence
+    label_rows: torch.Tensor  # int64 [N], row whose hidden state predicts label i
+    label_ids: torch.Tensor  # int64 [N], answer title tokens then eot, per sequence
+    label_sample: torch.Tensor  # int64 [N], sequence (0..Q-1, index into sample_ids) of label i
+    sample_ids: torch.Tensor  # int64 [Q], index into the Samples of each sequence
+    view_ids: torch.Tensor  # int64 [Q], 0 = first view; pretrain: 0 all-text, 1 compressed
+    hist_tokens_before: torch.Tensor  # int64 [Q], history title tokens as text (no markers, separators)
+    hist_tokens_after: torch.Tensor  # int64 [Q], same after compression (a patch or session counts as 1)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.position_ids.numel())
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.sample_ids.numel())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+        return PackedBatch(**moved)
+
+    def pin_memory(self) -> PackedBatch:
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in pinned.items()})
+
+
+class Packer:
+    """Packs samples of one dataset with one tokenisation; holds the combined token source."""
+
+    def __init__(self, tokens: TokenizedDataset, answer: bool = True):
+        self.tokens = tokens
+        self.answer = answer  # False: prompt only (no answer rows, no labels), e.g. for scoring candidates
+        titles, prompt = tokens.titles, tokens.prompt
+        self.title_offsets = titles.offsets
+        self.title_lengths = titles.lengths.astype(np.int32)
+        # One source array so that every slot is a range of it: titles, then head (prefix + start_seq),
+        # separator, tail (end_seq + suffix).
+        head = np.concatenate([prompt.prefix, [prompt.start_seq]]).astype(np.int32)
+        tail = np.concatenate([[prompt.end_seq], prompt.suffix]).astype(np.int32)
+        base = len(titles.tokens)
+        self.head_src, self.head_len = base, len(head)
+        self.sep_src = base + len(head)
+        self.tail_src, self.tail_len = self.sep_src + 1, len(tail)
+        self.source = np.concatenate([titles.tokens, head, [prompt.item_sep], tail]).astype(np.int32)
+        self.eot = prompt.eot
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def history_items(self, samples: Samples, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[B, width]`` history item ids (oldest first, -1 padded) and history lengths."""
+        starts = samples.hist_start[ids]
+        lengths = samples.target_index[ids] - starts
+        cols = np.arange(width)
+        valid = cols < lengths[:, None]
+        idx = np.where(valid, starts[:, None] + cols, 0)
+        return np.where(valid, samples.dataset.items[idx], -1).astype(np.int64), lengths
+
+    def slots(self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray) -> dict[str, np.ndarray]:
+        """Per sequence ``2L+3`` slots: source start, token count, whether each token is its own row
+        (``run``) or the slot is one segment (patch), and whether that segment opens a new row."""
+        kinds, group = plan.kinds, plan.group
+        num, width = kinds.shape
+        safe = np.maximum(items, 0)
+        tlen = self.title_lengths[safe]
+        kept = (kinds != PAD) & (kinds != DROP)
+        # A session patch's first member opens its row; later members only add segments to it.
+        prev = np.full_like(group, -1)
+        prev[:, 1:] = np.maximum.accumulate(group, axis=1)[:, :-1]
+        opens = kept & (group != prev)
+        # Separator after the last item of a piece when a later kept item exists (in another piece).
+        big = np.iinfo(np.int32).max
+        later = np.where(kept, group, big)
+        # Groups never decrease over kept items: the suffix minimum from j+1 is the next kept item's group.
+        nxt = np.full_like(later, big)
+        nxt[:, :-1] = np.minimum.accumulate(later[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        sep = kept & (nxt != group) & (nxt != big)
+
+        src = np.empty((num, 2 * width + 3), dtype=np.int64)
+        ntok = np.zeros((num, 2 * width + 3), dtype=np.int32)
+        run = np.ones((num, 2 * width + 3), dtype=bool)
+        newrow = np.ones((num, 2 * width + 3), dtype=bool)
+        src[:, 0], ntok[:, 0] = self.head_src, self.head_len
+        src[:, 1 : 2 * width + 1 : 2] = self.title_offsets[safe]
+        ntok[:, 1 : 2 * width + 1 : 2] = np.where(kept, tlen, 0)
+        run[:, 1 : 2 * width + 1 : 2] = kinds == TEXT
+        newrow[:, 1 : 2 * width + 1 : 2] = opens
+        src[:, 2 : 2 * width + 2 : 2] = self.sep_src
+        ntok[:, 2 : 2 * width + 2 : 2] = sep
+        src[:, -2], ntok[:, -2] = self.tail_src, self.tail_len
+        src[:, -1] = self.title_offsets[targets]
+        ntok[:, -1] = self.title_lengths[targets] if self.answer else 0
+        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
+        before = np.where(kinds != PAD, tlen, 0).sum(axis=1)
+        after = np.where(kinds == TEXT, tlen, 0).sum(axis=1) + (opens & (kinds != TEXT)).sum(axis=1)
+        return {"src": src, "ntok": ntok, "run": run, "newrow": newrow, "rows": rows, "before": before,
+                "after": after}
+
+    def plan_slots(
+        self, samples: Samples, ids: np.ndarray, planner: Planner, rng, progress: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        """Plan ``ids`` and lay out their sequences, views interleaved (views of sample 0, then of 1, ...)."""
+        width = int(samples.history_lengths[ids].max(initial=0))
+        items, lengths = self.history_items(samples, ids, width)
+        views = planner.plan_batch(lengths, rng, progress, width)
+        targets = samples.dataset.items[samples.target_index[ids]].astype(np.int64)
+        if len(views) == 1:
+            out = self.slots(items, views[0], targets)
+        else:
+            v = len(views)
+            kinds = np.stack([p.kinds for p in views], 1).reshape(-1, width)
+            group = np.stack([p.group for p in views], 1).reshape(-1, width)
+            out = self.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v))
+        out["sample"] = np.repeat(ids, len(views))
+        out["view"] = np.tile(np.arange(len(views)), len(ids))
+        out["target"] = np.repeat(targets, len(views))
+        return out
+
+    # ---- materialisation ---------------------------------------------------------------------------------
+    def build(self, s: dict[str, np.ndarray]) -> PackedBatch:
+        """Slots of Q sequences -> PackedBatch."""
+        ntok_all = s["ntok"].ravel()
+        keep = ntok_all > 0
+        src = s["src"].ravel()[keep]
+        ntok = ntok_all[keep].astype(np.int64)
+        run = s["run"].ravel()[keep]
+        newrow = s["newrow"].ravel()[keep]
+
+        # Tokens: each kept slot is the source range [src, src + ntok).
+        tok_end = np.cumsum(ntok)
+        num_tok = int(tok_end[-1]) if len(tok_end) else 0
+        idx = np.repeat(src - (tok_end - ntok), ntok) + np.arange(num_tok)
+        token_ids = self.source[idx]
+
+        # Segments: a run slot is ntok one-token segments, a patch slot one ntok-token segment.
+        nseg = np.where(run, ntok, 1)
+        seg_len = np.repeat(np.where(run, 1, ntok), nseg)
+        seg_offsets = np.zeros(len(seg_len) + 1, dtype=np.int64)
+        np.cumsum(seg_len, out=seg_offsets[1:])
+        opens = run | newrow
+        if opens.all():
+            row_offsets = np.arange(len(seg_len) + 1, dtype=np.int64)
+        else:
+            row_offsets = np.append(np.flatnonzero(np.repeat(opens, nseg)), len(seg_len)).astype(np.int64)
+
+        rows = s["rows"].astype(np.int64)
+        cu = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(rows, out=cu[1:])
+        num_rows = int(cu[-1])
+        position_ids = np.arange(num_rows, dtype=np.int64) - np.repeat(cu[:-1], rows)
+
+        # Labels: answer title + eot; the first is predicted by the last suffix row.
+        q = len(rows)
+        if self.answer:
+            m = self.title_lengths[s["target"]].astype(np.int64)
+            nlab = m + 1
+            lab_end = np.cumsum(nlab)
+            within = np.arange(int(lab_end[-1]) if q else 0) - np.repeat(lab_end - nlab, nlab)
+            label_rows = np.repeat(cu[1:] - m - 1, nlab) + within
+            title_pos = np.repeat(self.title_offsets[s["target"]], nlab) + within
+            is_eot = within == np.repeat(m, nlab)
+            title_tok = self.source[np.where(is_eot, 0, title_pos)]
+            label_ids = np.where(is_eot, self.eot, title_tok).astype(np.int64)
+            label_sample = np.repeat(np.arange(q, dtype=np.int64), nlab)
+        else:
+            label_rows = label_ids = label_sample = np.zeros(0, dtype=np.int64)
+
+        t = torch.from_numpy
+        return PackedBatch(
+            token_ids=t(token_ids),
+            seg_offsets=t(seg_offsets),
+            row_offsets=t(row_offsets),
+            cu_seqlens=t(cu.astype(np.int32)),
+            position_ids=t(position_ids),
+            max_seqlen=int(rows.max(initial=0)),
+            label_rows=t(label_rows),
+            label_ids=t(label_ids),
+            label_sample=t(label_sample),
+            sample_ids=t(s["sample"].astype(np.int64)),
+            view_ids=t(s["view"].astype(np.int64)),
+            hist_tokens_before=t(s["before"].astype(np.int64)),
+            hist_tokens_after=t(s["after"].astype(np.int64)),
+        )
+
+
+def _take(s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    return {k: v[lo:hi] for k, v in s.items()}
+
+
+def _concat(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if a is None or len(a["rows"]) == 0:
+        return b
+    out = {}
+    for k in b:
+        x, y = a[k], b[k]
+        if x.ndim == 2 and x.shape[1] != y.shape[1]:
+            # Different history widths between chunks: re-lay the narrower one (pad with empty slots).
+            x, y = _widen(x, y, k)
+        out[k] = np.concatenate([x, y])
+    return out
+
+
+def _widen(x: np.ndarray, y: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
+    def pad(z: np.ndarray, width: int) -> np.ndarray:
+        extra = width - z.shape[1]
+        if extra == 0:
+            return z
+        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True}[key]
+        filler = np.full((z.shape[0], extra), fill, dtype=z.dtype)
+        # Slots keep their order: history slots, then the 2 tail slots (tail, answer) stay last.
+        return np.concatenate([z[:, :-2], filler, z[:, -2:]], axis=1)
+
+    width = max(x.shape[1], y.shape[1])
+    return pad(x, width), pad(y, width)
+
+
+def pack_batch(
+    samples: Samples,
+    ids: np.ndarray,
+    plans: tuple[BatchPlan, ...],
+    tokens: TokenizedDataset,
+    answer: bool = True,
+) -> PackedBatch:
+    """Pack exactly the samples ``ids`` with the given per-view plans (``[len(ids), L]`` each)."""
+    packer = Packer(tokens, answer)
+    ids = np.asarray(ids, dtype=np.int64)
+    width = plans[0].kinds.shape[1]
+    items, lengths = packer.history_items(samples, ids, width)
+    for p in plans:
+        if p.kinds.shape != (len(ids), width) or np.any((p.kinds != PAD).sum(1) != lengths):
+            raise ValueError("plans must be [len(ids), L] with one non-PAD kind per history item")
+    targets = samples.dataset.items[samples.target_index[ids]].astype(np.int64)
+    v = len(plans)
+    kinds = np.stack([p.kinds for p in plans], 1).reshape(-1, width)
+    group = np.stack([p.group for p in plans], 1).reshape(-1, width)
+    s = packer.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v))
+    s.update(sample=np.repeat(ids, v), view=np.tile(np.arange(v), len(ids)), target=np.repeat(targets, v))
+    return packer.build(s)
+
+
+def iter_batches(
+    samples: Samples,
+    planner: Planner,
+    tokens: TokenizedDataset,
+    max_rows: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+    answer: bool = True,
+) -> Iterator[PackedBatch]:
+    """Token-budget batches over ``samples`` (one epoch): consecutive samples of the order, as many as fit in
+    ``max_rows`` rows (all views of a sample count together and stay in one batch).
+
+    ``order``: explicit sample indices to visit (e.g. a shard); otherwise ``arange`` or, with ``shuffle``, a
+    permutation from ``seed``. Random plans draw from a generator seeded by ``seed`` too, so an epoch is
+    reproducible. A sample that alone exceeds ``max_rows`` raises ValueError (never cut).
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    order_rng, plan_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    if order is None:
+        order = order_rng.permutation(len(samples)) if shuffle else np.arange(len(samples))
+    else:
+        if shuffle:
+            raise ValueError("pass either order or shuffle=True, not both")
+        order = np.asarray(order, dtype=np.int64)
+        if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= len(samples))):
+            raise ValueError(f"order must be 1-D sample indices in [0, {len(samples)})")
+    packer = Packer(tokens, answer)
+    views = planner.views
+    pending = None
+    total = max(len(order), 1)
+    for lo in range(0, len(order), PLAN_CHUNK):
+        ids = order[lo : lo + PLAN_CHUNK]
+        progress = (lo + np.arange(len(ids))) / total
+        s = _concat(pending, packer.plan_slots(samples, ids, planner, plan_rng, progress))
+        sample_rows = s["rows"].reshape(-1, views).sum(axis=1)
+        if sample_rows.max(initial=0) > max_rows:
+            bad = int(np.flatnonzero(sample_rows > max_rows)[0])
+            sid = int(s["sample"][bad * views])
+            raise ValueError(
+                f"sample {sid} (user {int(samples.user[sid])}) needs {int(sample_rows[bad])} rows "
+                f"> max_rows={max_rows}"
+            )
+        cum = np.cumsum(sample_rows)
+        last = lo + PLAN_CHUNK >= len(order)
+        start = 0
+        while start < len(cum):
+            end = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + max_rows, side="right"))
+            if end == len(cum) and not last:
+                break  # the batch could take samples of the next chunk
+            yield packer.build(_take(s, start * views, end * views))
+            start = end
+        pending = _take(s, start * views, len(cum) * views)
+
+
+def history_token_counts(
+    samples: Samples, planner: Planner, tokens: TokenizedDataset, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (last view): history title tokens before and after compression, without building batches."""
+    packer = Packer(tokens, answer=False)
+    rng = np.random.default_rng(seed)
+    before = np.zeros(len(samples), dtype=np.int64)
+    after = np.zeros(len(samples), dtype=np.int64)
+    for lo in range(0, len(samples), PLAN_CHUNK):
+        ids = np.arange(lo, min(lo + PLAN_CHUNK, len(samples)))
+        s = packer.plan_slots(samples, ids, planner, rng, ids / max(len(samples), 1))
+        before[ids] = s["before"].reshape(len(ids), -1)[:, -1]
+        after[ids] = s["after"].reshape(len(ids), -1)[:, -1]
+    return before, after
+
+
+__all__ = ["PackedBatch", "Packer", "history_token_counts", "iter_batches", "pack_batch"]

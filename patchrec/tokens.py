@@ -1,0 +1,182 @@
+"""Token-level view of a dataset: the tokenizer with the history markers, the catalog titles as a CSR table,
+and the prompt split around the history (METHOD.md §1).
+
+Everything downstream (planning, packing, stats) works on these integer arrays; the tokenizer is called once
+per title and once per prompt half, never per sample.
+
+Prompt rendering:
+- with a chat template: ``[system, user]`` messages rendered with ``add_generation_prompt=True``;
+- without one: ``PLAIN_TEMPLATE`` = ``"{bos}System: {system}\\nUser: {user}\\nAssistant: "`` (``{bos}`` is the
+  tokenizer's bos token text, empty when it has none).
+The rendered text is split at ``[HISTORY_SEQUENCE]``; the history between the halves is
+``<|start_seq|>title_1<|item_sep|>title_2...title_n<|end_seq|>`` with no spaces around the markers. Because
+the markers are special tokens (the tokenizer splits the text at them), tokenising the whole rendered text
+equals prefix + ``<|start_seq|>`` + tokens(title_1) + ``<|item_sep|>`` + ... + ``<|end_seq|>`` + suffix, which
+is what the packer concatenates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patchrec.data.dataset import HISTORY_PLACEHOLDER, Dataset
+
+START_SEQ = "<|start_seq|>"
+ITEM_SEP = "<|item_sep|>"
+END_SEQ = "<|end_seq|>"
+HISTORY_MARKERS = (START_SEQ, ITEM_SEP, END_SEQ)
+PLAIN_TEMPLATE = "{bos}System: {system}\nUser: {user}\nAssistant: "
+# Stand-in answer used to find what the chat template writes after an assistant turn (its end-of-turn token).
+_ANSWER_PROBE = "PATCHREC_ANSWER_PROBE"
+
+
+def add_history_markers(tokenizer) -> int:
+    """Add the three history markers as special tokens (idempotent); returns the new vocabulary size.
+
+    Special tokens are never merged with neighbouring text, so ``title<|item_sep|>title`` tokenises as the
+    titles' own tokens around one marker id. The model's embedding table must be resized to the returned size.
+    """
+    tokenizer.add_special_tokens({"additional_special_tokens": list(HISTORY_MARKERS)})
+    ids = tokenizer.convert_tokens_to_ids(list(HISTORY_MARKERS))
+    if len(set(ids)) != 3 or tokenizer.unk_token_id in ids:
+        raise ValueError(f"tokenizer could not add the history markers {HISTORY_MARKERS} (got ids {ids})")
+    return len(tokenizer)
+
+
+def load_tokenizer(path: str | Path):
+    """Any Hugging Face tokenizer from a local directory (offline), with the history markers added."""
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is actually needed
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    add_history_markers(tokenizer)
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TitleTable:
+    """Token ids of every catalog title, CSR: title ``i`` is ``tokens[offsets[i]:offsets[i+1]]``."""
+
+    offsets: np.ndarray  # int64 [N+1]
+    tokens: np.ndarray  # int32 [offsets[-1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def title(self, item: int) -> np.ndarray:
+        return self.tokens[self.offsets[item] : self.offsets[item + 1]]
+
+
+def tokenize_titles(tokenizer, titles: Sequence[str]) -> TitleTable:
+    """Tokenise each title on its own (no specials, no leading space), once, into a ``TitleTable``."""
+    encoded = tokenizer(list(titles), add_special_tokens=False)["input_ids"] if len(titles) else []
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    if np.any(lengths == 0):
+        item = int(np.flatnonzero(lengths == 0)[0])
+        raise ValueError(f"title of item {item} ({titles[item]!r}) tokenises to no tokens")
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(offsets[-1]))
+    return TitleTable(offsets, tokens.astype(np.int32))
+
+
+def render_prompt_text(tokenizer, system_prompt: str, user_prompt: str) -> str:
+    """The full prompt text (up to where the answer starts), still holding ``[HISTORY_SEQUENCE]`` once."""
+    if user_prompt.count(HISTORY_PLACEHOLDER) != 1:
+        raise ValueError(f"user_prompt must contain {HISTORY_PLACEHOLDER} exactly once")
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = PLAIN_TEMPLATE.format(bos=tokenizer.bos_token or "", system=system_prompt, user=user_prompt)
+    if text.count(HISTORY_PLACEHOLDER) != 1:
+        raise ValueError(f"rendered prompt must contain {HISTORY_PLACEHOLDER} exactly once: {text!r}")
+    return text
+
+
+def history_text(titles: Sequence[str]) -> str:
+    """``<|start_seq|>t1<|item_sep|>t2...<|end_seq|>``: the all-text history as the tokenizer sees it."""
+    return START_SEQ + ITEM_SEP.join(titles) + END_SEQ
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that closes an assistant answer: whatever special token the chat template writes right after
+    the answer text, else ``tokenizer.eos_token``."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _ANSWER_PROBE}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # templates that refuse this conversation shape: fall back to eos
+            text = ""
+        if _ANSWER_PROBE in text:
+            after = text.split(_ANSWER_PROBE, 1)[1]
+            ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+            if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
+                return tokenizer.convert_ids_to_tokens(ids[0])
+    if tokenizer.eos_token is None:
+        raise ValueError("tokenizer has no eos_token and no chat template: pass eot_token explicitly")
+    return tokenizer.eos_token
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Everything of the prompt except the history items, as token ids."""
+
+    prefix: np.ndarray  # int32, tokens before the history (bos and chat headers included)
+    suffix: np.ndarray  # int32, tokens after the history up to where the answer starts
+    start_seq: int
+    item_sep: int
+    end_seq: int
+    eot: int  # appended to the answer title; the loss predicts it
+    eot_token: str
+
+
+def tokenize_prompt(
+    tokenizer, system_prompt: str, user_prompt: str, eot_token: str | None = None
+) -> PromptTokens:
+    """Render the prompt, split it at ``[HISTORY_SEQUENCE]`` and tokenise each half once."""
+    text = render_prompt_text(tokenizer, system_prompt, user_prompt)
+    before, after = text.split(HISTORY_PLACEHOLDER)
+    marker_ids = tokenizer.convert_tokens_to_ids(list(HISTORY_MARKERS))
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in marker_ids:
+        raise ValueError("tokenizer lacks the history markers: use load_tokenizer or add_history_markers")
+    eot_token = eot_token if eot_token is not None else end_of_turn_token(tokenizer)
+    eot = tokenizer.convert_tokens_to_ids(eot_token)
+    if eot is None or (eot == tokenizer.unk_token_id and eot_token != tokenizer.unk_token):
+        raise ValueError(f"eot_token {eot_token!r} is not a single token of this tokenizer")
+
+    def ids(part: str) -> np.ndarray:
+        return np.asarray(tokenizer(part, add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+    return PromptTokens(ids(before), ids(after), *(int(i) for i in marker_ids), int(eot), eot_token)
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """A dataset's catalog and prompt in token ids, plus the vocabulary size the embedding table needs."""
+
+    titles: TitleTable
+    prompt: PromptTokens
+    vocab_size: int  # len(tokenizer) after adding the markers
+
+    @property
+    def avg_title_tokens(self) -> float:
+        return float(self.titles.lengths.mean()) if len(self.titles) else 0.0
+
+
+def tokenize_dataset(tokenizer, dataset: Dataset, eot_token: str | None = None) -> TokenizedDataset:
+    """Tokenise ``dataset``'s titles and prompt with ``tokenizer`` (markers are added if missing)."""
+    vocab_size = add_history_markers(tokenizer)
+    titles = tokenize_titles(tokenizer, dataset.titles)
+    prompt = tokenize_prompt(tokenizer, dataset.system_prompt, dataset.user_prompt, eot_token)
+    return TokenizedDataset(titles, prompt, vocab_size)
