@@ -6,9 +6,9 @@ import pytest
 from conftest import shared_path
 
 from patchrec.data.dataset import SPLITS
+from patchrec.data.interactions import global_time_split
 from patchrec.data.movielens import (
     detect_format,
-    global_time_split,
     load_movielens,
     normalize_title,
     read_movies,

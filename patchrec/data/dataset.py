@@ -119,4 +119,6 @@ def make_samples(dataset: Dataset, split: str, max_items: int = 100, min_positio
     user_base = dataset.user_offsets[:-1][users]
     target_index = user_base + position
     hist_start = user_base + np.maximum(position - max_items, 0)
-    return Samples(dataset, split, max_items, users, hist_start.astype(np.int64), target_index.astype(np.int64))
+    return Samples(
+        dataset, split, max_items, users, hist_start.astype(np.int64), target_index.astype(np.int64)
+    )

@@ -16,7 +16,7 @@ The generative story (all vectorised numpy, ~1M interactions in about a second):
   history): items are drawn with replacement, over-drawn, and only first occurrences are kept.
 - Timestamps: each user starts at a random time in the first 80% of ``time_span`` seconds and has
   exponential gaps with a per-user rate; the dataset is then split like MovieLens: the global 96 / 2 / 2
-  timestamp cut of ``patchrec.data.movielens.global_time_split``.
+  timestamp cut of ``patchrec.data.interactions.global_time_split``.
 
 The prompts are the MovieLens ones of METHOD.md §1 (the titles read like movie titles).
 Same arguments, same seed -> an identical dataset.
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from patchrec.data.dataset import Dataset
-from patchrec.data.movielens import SYSTEM_PROMPT, USER_PROMPT, build_dataset
+from patchrec.data.interactions import build_dataset
+from patchrec.data.movielens import SYSTEM_PROMPT, USER_PROMPT
 
 ADJECTIVES = (
     "Silent Crimson Hidden Broken Golden Midnight Frozen Burning Distant Forgotten Electric Wild Hollow "
