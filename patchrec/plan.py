@@ -76,22 +76,20 @@ def pft_i_plan(n: int, k: int) -> Plan:
 @lru_cache(maxsize=4096)
 def pft_s_plan(n: int, g: int) -> Plan:
     """PFT-S: the newest ``g`` items as text, the ``g`` before them as item patches, everything older as
-    session patches of ``g`` items; the remainder ((older count) mod ``g``) joins the OLDEST session."""
+    session patches of ``g`` items cut from the newest end, so that the remainder ((older count) mod ``g``)
+    is held by the OLDEST session on its own (METHOD.md §3: "the oldest session holds the remainder")."""
     _check_n(n)
     if g < 1:
         raise ValueError(f"g (session size) must be >= 1, got {g}")
     older = max(n - 2 * g, 0)
-    sessions = older // g  # a remainder alone (older < g) still forms one session
-    if older and sessions == 0:
-        sessions = 1
+    sessions = -(-older // g)
     kinds = np.full(n, SESSION)
     kinds[older:] = ITEM
     kinds[max(n - g, 0) :] = TEXT
-    # Session of each older item: the newest sessions hold exactly g items, counted from the newest end.
+    # Sessions are counted from the newest end, so every session but the oldest holds exactly g items.
     from_newest = (older - 1 - np.arange(older)) // g
-    session = np.minimum(from_newest, sessions - 1)
     group = np.empty(n, dtype=np.int64)
-    group[:older] = sessions - 1 - session
+    group[:older] = sessions - 1 - from_newest
     group[older:] = sessions + np.arange(n - older)
     return _frozen(kinds, group)
 

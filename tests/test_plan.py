@@ -66,21 +66,21 @@ def test_pft_s(n, g):
     sessions = plan.group[:older]
     sizes = np.bincount(sessions) if older else np.zeros(0, int)
     if older:
-        # Every session has g items except the oldest, which absorbs the remainder (g..2g-1 items, or
-        # fewer than g when that is all there is).
+        # Every session has g items except the oldest, which holds the remainder on its own.
         assert np.all(sizes[1:] == g)
-        assert sizes[0] == (older if older < g else g + older % g)
-        assert len(sizes) == max(older // g, 1)
+        assert sizes[0] == (older % g or g)
+        assert len(sizes) == -(-older // g)
     assert plan.num_pieces == len(sizes) + n_item + n_text
 
 
 def test_pft_s_examples():
-    # 17 items, G = 5: 5 text, 5 item patches, one session of the 7 oldest (5 + remainder 2).
+    # 17 items, G = 5: 5 text, 5 item patches, 7 older items = the oldest session holds the remainder 2,
+    # then a full session of 5.
     plan = pft_s_plan(17, 5)
     assert plan.kinds.tolist() == [SESSION] * 7 + [ITEM] * 5 + [TEXT] * 5
-    assert plan.group.tolist() == [0] * 7 + list(range(1, 11))
-    plan = pft_s_plan(23, 5)  # 13 older: sessions of 8 (oldest) and 5
-    assert plan.group[:13].tolist() == [0] * 8 + [1] * 5
+    assert plan.group.tolist() == [0] * 2 + [1] * 5 + list(range(2, 12))
+    plan = pft_s_plan(23, 5)  # 13 older: sessions of 3 (oldest), 5 and 5
+    assert plan.group[:13].tolist() == [0] * 3 + [1] * 5 + [2] * 5
 
 
 @settings(deadline=None)
