@@ -5,6 +5,20 @@ The package knows tensors, not recommendation. Ops:
 - ``varlen_attention``: causal attention over packed sequences (flash-attn | torch varlen | reference).
 """
 
+from patchrec_kernels.patch_embed import patch_embed
+from patchrec_kernels.reference.patch_embed import patch_embed_reference
+from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
 from patchrec_kernels.runtime import HAS_FLASH_ATTN, HAS_TRITON, triton_can_run, triton_interpret
+from patchrec_kernels.varlen_attention import resolve_varlen_backend, varlen_attention
 
-__all__ = ["HAS_FLASH_ATTN", "HAS_TRITON", "triton_can_run", "triton_interpret"]
+__all__ = [
+    "HAS_FLASH_ATTN",
+    "HAS_TRITON",
+    "patch_embed",
+    "patch_embed_reference",
+    "resolve_varlen_backend",
+    "triton_can_run",
+    "triton_interpret",
+    "varlen_attention",
+    "varlen_attention_reference",
+]
