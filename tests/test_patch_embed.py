@@ -7,6 +7,7 @@ the CPU shapes are tiny; the large, realistic shapes are in the ``gpu``-marked t
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from typing import NamedTuple
 
@@ -16,10 +17,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import patchrec_kernels.patch_embed as pe_module
 import patchrec_kernels.reference.patch_embed as ref_module
 from patchrec_kernels.patch_embed import patch_embed, patch_embed_bwd, patch_embed_fwd
 from patchrec_kernels.reference.patch_embed import patch_embed_reference
+
+# The package re-exports the op under the module's name, so fetch the module itself.
+pe_module = importlib.import_module("patchrec_kernels.patch_embed")
 
 # Rows given as lists of segment lengths: text tokens (one segment of one token), item patches (one
 # segment of a title), session patches (several titles), including one-token titles inside sessions.

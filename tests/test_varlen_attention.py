@@ -7,6 +7,7 @@ compared in the ``@pytest.mark.gpu`` tests at the end.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import sys
@@ -16,11 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import patchrec_kernels.varlen_attention as vmod
 from patchrec_kernels.reference import varlen_attention as refmod
 from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
 from patchrec_kernels.runtime import HAS_FLASH_ATTN
 from patchrec_kernels.varlen_attention import resolve_varlen_backend, varlen_attention
+
+# The package re-exports the op under the module's name, so fetch the module itself.
+vmod = importlib.import_module("patchrec_kernels.varlen_attention")
 
 # ----------------------------------------------------------------------------------------------- helpers
 
