@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "prepare": "patchrec.commands.prepare",
     "stats": "patchrec.commands.stats",
+    "baseline": "patchrec.commands.baseline",
 }
 
 
