@@ -11,6 +11,7 @@ COMMANDS = {
     "prepare": "patchrec.commands.prepare",
     "stats": "patchrec.commands.stats",
     "baseline": "patchrec.commands.baseline",
+    "eval": "patchrec.commands.eval",
 }
 
 

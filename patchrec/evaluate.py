@@ -1,0 +1,192 @@
+"""Whole-catalog evaluation of a ``PackedLlama`` on the packed path (METHOD.md §5).
+
+Two rankings:
+- ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
+  as the answer to the prompt; the prompt runs once per sample and the titles continue from its cached
+  keys/values (``patchrec.rank_exact``). Full ranks for any K; ties follow ``patchrec.metrics`` (pessimistic).
+- ``"beam"``: the authors' protocol, trie-constrained diverse beam search returning ``beams`` titles
+  (``patchrec.rank_beam``); the rank is the position of the target's title in that list and a miss counts
+  as rank ``beams`` (i.e. ">= beams"), so metrics are reported for K <= beams only.
+
+Duplicate titles are one item. In the exact ranking the items sharing a title get that title's score, and
+every copy except one (the target itself, else the lowest id) is set to -inf before ranking, so a title
+is counted once and the target's duplicates never count against it. ``mask_history`` is passed to
+``rank_samples`` (exact) or drops the user's earlier titles other than the target's from the beam list.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchrec.data.dataset import Samples
+from patchrec.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
+from patchrec.pack import iter_batches
+from patchrec.plan import Planner
+from patchrec.rank_exact import CatalogTitles, score_titles
+from patchrec.tokens import TokenizedDataset
+
+RANKINGS = ("exact", "beam")
+# Samples per rank_samples call: bounds the [B, N] score matrix; the packer still batches by max_rows.
+SCORE_BATCH = 64
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # HR@K / NDCG@K for each K
+    ranks: np.ndarray  # int64 [S], 0-based rank of each sample's target (beam: ``beams`` for a miss)
+    ranking: str  # "exact" or "beam"
+    mask_history: bool
+    num_samples: int
+    seconds: float  # wall time of the ranking
+    config: dict[str, Any] = field(default_factory=dict)  # the protocol's settings (beams, groups, ...)
+
+
+def limit_samples(samples: Samples, limit: int | None) -> Samples:
+    """The first ``limit`` samples of a split (all when None)."""
+    if limit is None or limit >= len(samples):
+        return samples
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    return Samples(
+        samples.dataset, samples.split, samples.max_items, samples.user[:limit], samples.hist_start[:limit],
+        samples.target_index[:limit],
+    )  # fmt: skip
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def exact_item_scores(
+    model, tokens: TokenizedDataset, samples: Samples, index: np.ndarray, catalog: CatalogTitles, *,
+    planner: Planner, max_rows: int,
+) -> torch.Tensor:  # fmt: skip
+    """fp32 [len(index), N]: every item's title log-likelihood, duplicates of a title set to -inf except one
+    copy (the row's target when it carries that title, else the lowest item id)."""
+    device = _model_device(model)
+    title_scores = torch.empty(len(index), len(catalog), dtype=torch.float32)
+    row_of = {int(s): r for r, s in enumerate(index.tolist())}
+    for batch in iter_batches(samples, planner, tokens, max_rows, order=index, answer=False):
+        batch = batch.to(device)
+        scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows).cpu()
+        rows = [row_of[int(s)] for s in batch.sample_ids.tolist()]
+        title_scores[rows] = scores
+    item_title = torch.as_tensor(catalog.item_title)
+    item_scores = title_scores[:, item_title]
+    keep = torch.zeros(len(catalog.item_title), dtype=torch.bool)
+    keep[torch.as_tensor(catalog.canonical)] = True
+    item_scores[:, ~keep] = -torch.inf
+    targets = torch.as_tensor(samples.targets()[index].astype(np.int64))
+    rows = torch.arange(len(index))
+    # The target keeps its score and the canonical copy of its title steps aside for it.
+    item_scores[rows, torch.as_tensor(catalog.canonical)[item_title[targets]]] = -torch.inf
+    item_scores[rows, targets] = title_scores[rows, item_title[targets]]
+    return item_scores
+
+
+def beam_ranks(
+    model, tokens: TokenizedDataset, samples: Samples, catalog: CatalogTitles, *, planner: Planner,
+    max_rows: int, beams: int, groups: int, diversity: float, mask_history: bool, progress: bool,
+) -> np.ndarray:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from patchrec.rank_beam import TitleTrie, beam_search
+
+    device = _model_device(model)
+    trie = TitleTrie(catalog, tokens.prompt.eot)
+    targets = catalog.item_title[samples.targets().astype(np.int64)]
+    ranks = np.full(len(samples), beams, dtype=np.int64)
+    seen: dict[int, set[int]] = {}
+    if mask_history:
+        rows, items = history_mask_pairs(samples, np.arange(len(samples)))
+        for r, i in zip(rows.tolist(), catalog.item_title[items.numpy()].tolist(), strict=True):
+            seen.setdefault(r, set()).add(i)
+    bar = tqdm(total=len(samples), desc="beam", disable=not progress, leave=False)
+    for batch in iter_batches(samples, planner, tokens, max_rows, answer=False):
+        returned = beam_search(model, batch.to(device), trie, beams=beams, groups=groups, diversity=diversity)
+        for sid, titles in zip(batch.sample_ids.tolist(), returned, strict=True):
+            target = int(targets[sid])
+            drop = seen.get(sid, set()) - {target}
+            titles = [u for u, _ in titles if u not in drop]
+            if target in titles:
+                ranks[sid] = titles.index(target)
+        bar.update(batch.num_sequences)
+    bar.close()
+    return ranks
+
+
+def evaluate(
+    model,
+    tokens: TokenizedDataset,
+    samples: Samples,
+    *,
+    planner: Planner,
+    ranking: str = "exact",
+    ks=DEFAULT_KS,
+    mask_history: bool = False,
+    max_rows: int = 8192,
+    limit: int | None = None,
+    progress: bool = True,
+    beams: int = 20,
+    groups: int = 20,
+    diversity: float = 0.8,
+) -> EvalResult:
+    """Rank the whole catalog for every sample (the first ``limit`` when given); see the module docstring.
+
+    ``max_rows`` bounds the rows of one pass (prompts, and prompts x title rows in a catalog chunk).
+    The model is put in eval mode and gradients are off; its training flag is restored afterwards.
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if planner.views != 1:
+        raise ValueError(f"planner must give one view per sample, got {planner.name!r} ({planner.views})")
+    if ranking == "beam":
+        if beams < 1:
+            raise ValueError(f"beams must be >= 1, got {beams}")
+        if groups < 1 or beams % groups:
+            raise ValueError(f"groups must be >= 1 and divide beams={beams}, got {groups}")
+        if diversity < 0:
+            raise ValueError(f"diversity must be >= 0, got {diversity}")
+    if tokens.titles.offsets.shape[0] - 1 != samples.dataset.num_items:
+        raise ValueError("tokens must be the tokenisation of samples.dataset (title counts differ)")
+    samples = limit_samples(samples, limit)
+    catalog = CatalogTitles.from_table(tokens.titles)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            if ranking == "exact":
+                ranks = rank_samples(
+                    lambda index: exact_item_scores(
+                        model, tokens, samples, index, catalog, planner=planner, max_rows=max_rows
+                    ),
+                    samples, mask_history=mask_history, batch_size=SCORE_BATCH, progress=progress,
+                    desc="exact",
+                )  # fmt: skip
+            else:
+                ranks = beam_ranks(
+                    model, tokens, samples, catalog, planner=planner, max_rows=max_rows, beams=beams,
+                    groups=groups, diversity=diversity, mask_history=mask_history, progress=progress,
+                )  # fmt: skip
+    finally:
+        model.train(was_training)
+    config: dict[str, Any] = {"ranking": ranking, "plan": planner.name, "max_rows": max_rows,
+                              "distinct_titles": len(catalog)}
+    if ranking == "beam":
+        config.update(beams=beams, groups=groups, diversity=diversity, miss_rank=f">= {beams}")
+    if ranking == "beam":
+        # A miss is only known to rank >= beams: HR/NDCG@K for K > beams would count misses as hits.
+        ks = [k for k in ks if k <= beams] or [beams]
+    config["ks"] = [int(k) for k in ks]
+    return EvalResult(
+        metrics=ranking_metrics(ranks, ks), ranks=ranks, ranking=ranking, mask_history=mask_history,
+        num_samples=len(ranks), seconds=time.perf_counter() - start, config=config,
+    )  # fmt: skip

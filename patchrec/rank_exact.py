@@ -1,0 +1,265 @@
+"""Exact whole-catalog scoring: the log-likelihood of every catalog title as the answer to a prompt, with the
+prompt run once per sample (METHOD.md §5, "a stronger protocol").
+
+How a title is scored without a forward pass per (prompt, title):
+
+1. ``encode_prompts`` runs the packed prompts (``iter_batches(answer=False)``) through the decoder with our
+   own loop over ``model.lm.model.layers`` (their modules, unchanged) and keeps every layer's keys/values
+   after RoPE, plus the log-softmax at each prompt's last row (it predicts the first title token).
+2. ``forward_continuations`` runs continuation rows (title tokens, or beam-search tokens) whose RoPE positions
+   continue from the prompt length. In every layer their attention has two parts over disjoint key sets:
+   A = non-causal varlen attention over the cached prompt keys of their sample (``cu_seqlens_k``), and
+   B = causal varlen attention over the continuation's own keys. Softmax attention over the union of the two
+   key sets is exactly ``exp(lse_A - lse) * out_A + exp(lse_B - lse) * out_B`` with
+   ``lse = logaddexp(lse_A, lse_B)``, so the result equals a full forward of ``prompt ++ title``.
+3. ``score_titles`` packs the (deduplicated) catalog titles padding-free, as many as fit in a row budget, and
+   reads log p(title tokens, eot) from the output head on those rows only (in slices so the
+   [rows, vocab] logits stay small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from patchrec.pack import PackedBatch
+from patchrec.tokens import TitleTable
+from patchrec_kernels.varlen_attention import varlen_attention
+
+# fp32 logits held at once by the output head ([rows, vocab] slices): 2^25 floats = 128 MiB.
+LOGIT_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class CatalogTitles:
+    """The catalog's distinct titles (METHOD.md §5: duplicate titles are one item), CSR over token ids.
+
+    Titles are compared by their token ids, which is string equality for any lossless tokenizer; the trie of
+    the beam search merges equal token sequences in the same way, so both rankings agree on what "one
+    title" is.
+    """
+
+    offsets: np.ndarray  # int64 [U+1]
+    tokens: np.ndarray  # int64 [offsets[-1]]
+    item_title: np.ndarray  # int64 [N], distinct-title index of every item
+    canonical: np.ndarray  # int64 [U], lowest item id carrying each distinct title
+
+    @classmethod
+    def from_table(cls, table: TitleTable) -> CatalogTitles:
+        index: dict[bytes, int] = {}
+        item_title = np.empty(len(table), dtype=np.int64)
+        firsts: list[int] = []
+        for item in range(len(table)):
+            key = table.title(item).astype(np.int64).tobytes()
+            if key not in index:
+                index[key] = len(firsts)
+                firsts.append(item)
+            item_title[item] = index[key]
+        canonical = np.asarray(firsts, dtype=np.int64)
+        lengths = table.lengths[canonical]
+        offsets = np.zeros(len(canonical) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate([table.title(i) for i in canonical]).astype(np.int64) if len(canonical) else (
+            np.zeros(0, dtype=np.int64)
+        )
+        return cls(offsets, tokens, item_title, canonical)
+
+    def __len__(self) -> int:
+        return len(self.canonical)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def title(self, u: int) -> np.ndarray:
+        return self.tokens[self.offsets[u] : self.offsets[u + 1]]
+
+
+@dataclass
+class PromptCache:
+    """Per-layer keys/values (after RoPE) of a packed batch of prompts."""
+
+    keys: list[torch.Tensor]  # per layer [R, Hkv, D]
+    values: list[torch.Tensor]  # per layer [R, Hkv, D]
+    cu_seqlens: torch.Tensor  # int32 [Q+1], prompt rows of each sequence
+    max_seqlen: int
+    lengths: torch.Tensor  # int64 [Q], prompt rows = RoPE position of the first continuation row
+    first_logprobs: torch.Tensor  # fp32 [Q, V], log p(first answer token | prompt)
+    sample_ids: torch.Tensor  # int64 [Q], index into the Samples
+
+
+def _layer_loop(
+    model, hidden: torch.Tensor, position_ids: torch.Tensor, attend: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """The Llama decoder on [R, D] rows with a caller-chosen attention; returns final-normed hidden [R, D].
+
+    ``attend(layer, q[R, Hq, Dh], k[R, Hkv, Dh], v, scale)`` returns [R, Hq, Dh]. Everything else is the
+    layers' own modules, in the order ``LlamaDecoderLayer.forward`` applies them.
+    """
+    inner = model.lm.model
+    rows = hidden.shape[0]
+    cos, sin = inner.rotary_emb(hidden[None], position_ids[None])
+    for index, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(rows, -1, attn.head_dim)
+        k = attn.k_proj(x).view(rows, -1, attn.head_dim)
+        v = attn.v_proj(x).view(rows, -1, attn.head_dim)
+        # [R, H, Dh] layout: cos/sin [R, Dh] broadcast over heads with unsqueeze_dim=1.
+        q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
+        out = attend(index, q, k, v, attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(rows, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return inner.norm(hidden)
+
+
+def log_softmax_rows(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 [R, V] log-probabilities of the next token at ``hidden`` rows (small R only)."""
+    return torch.log_softmax(model.lm.lm_head(hidden).float(), dim=-1)
+
+
+def token_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fp32 [R]: log p(labels[r] | row r), through the output head in slices of rows."""
+    vocab = model.lm.lm_head.out_features
+    step = max(1, LOGIT_ELEMENTS // max(vocab, 1))
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for lo in range(0, hidden.shape[0], step):
+        logits = model.lm.lm_head(hidden[lo : lo + step]).float()
+        picked = logits.gather(1, labels[lo : lo + step, None]).squeeze(1)
+        out[lo : lo + step] = picked - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def encode_prompts(model, batch: PackedBatch) -> PromptCache:
+    """Run a packed prompt-only batch once; keep every layer's K/V and the first-token distribution."""
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def attend(layer, q, k, v, scale):
+        keys.append(k)
+        values.append(v)
+        return varlen_attention(
+            q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale, validate=False
+        )
+
+    hidden = _layer_loop(model, model.embed(batch), batch.position_ids, attend)
+    last = batch.cu_seqlens[1:].long() - 1
+    return PromptCache(
+        keys=keys,
+        values=values,
+        cu_seqlens=batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+        lengths=batch.cu_seqlens.diff().long(),
+        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)),
+        sample_ids=batch.sample_ids,
+    )
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from the two parts and their log-sum-exps."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    # fp32 weights whatever the model dtype: the two parts can differ by many orders of magnitude.
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    merged = weight_a * out_a.float() + weight_b * out_b.float()
+    return merged.to(out_a.dtype)
+
+
+# own(layer, k, v) -> (keys, values, cu_q, cu_k, max_q, max_k) of the continuation's causal part
+OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], tuple]
+
+
+def forward_continuations(
+    model,
+    cache: PromptCache,
+    token_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    by_sample_cu: torch.Tensor,
+    by_sample_max: int,
+    own: OwnKeys,
+) -> torch.Tensor:
+    """Final hidden states [T, D] of continuation rows that attend to their sample's cached prompt.
+
+    token_ids, position_ids: [T], rows grouped by sample in the cache's order; ``by_sample_cu`` [Q+1] gives
+    each sample's rows (part A: non-causal over that sample's prompt keys). ``own`` supplies the keys/values
+    and offsets of part B (causal, bottom-right aligned), e.g. one sequence per title, or a beam's cached
+    tokens followed by its new one.
+    """
+    embeds = model.lm.get_input_embeddings()(token_ids)
+
+    def attend(layer, q, k, v, scale):
+        out_a, lse_a = varlen_attention(
+            q, cache.keys[layer], cache.values[layer], by_sample_cu, by_sample_max, causal=False, scale=scale,
+            cu_seqlens_k=cache.cu_seqlens, max_seqlen_k=cache.max_seqlen, return_lse=True, validate=False,
+        )  # fmt: skip
+        k_b, v_b, cu_q, cu_k, max_q, max_k = own(layer, k, v)
+        out_b, lse_b = varlen_attention(
+            q, k_b, v_b, cu_q, max_q, causal=True, scale=scale, cu_seqlens_k=cu_k, max_seqlen_k=max_k,
+            return_lse=True, validate=False,
+        )  # fmt: skip
+        return merge_attention(out_a, lse_a, out_b, lse_b)
+
+    return _layer_loop(model, embeds, position_ids, attend)
+
+
+def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive title ranges [lo, hi) of at most ``budget`` tokens each (a longer title goes alone)."""
+    chunks = []
+    lo, total = 0, 0
+    for u, n in enumerate(lengths.tolist()):
+        if u > lo and total + n > budget:
+            chunks.append((lo, u))
+            lo, total = u, 0
+        total += n
+    if lo < len(lengths):
+        chunks.append((lo, len(lengths)))
+    return chunks
+
+
+def score_titles(
+    model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int
+) -> torch.Tensor:
+    """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch."""
+    device = batch.cu_seqlens.device
+    cache = encode_prompts(model, batch)
+    num_seq = batch.num_sequences
+    lengths = catalog.lengths
+    # Title rows of one pass = sequences x chunk tokens; the chunk takes the budget's share per sequence.
+    budget = max(max_rows // max(num_seq, 1), int(lengths.max(initial=1)))
+    first = torch.as_tensor(catalog.tokens[catalog.offsets[:-1]], device=device)
+    scores = cache.first_logprobs[:, first].clone()
+    for lo, hi in title_chunks(lengths, budget):
+        tlen = lengths[lo:hi]
+        toks = catalog.tokens[catalog.offsets[lo] : catalog.offsets[hi]]
+        n_tok, n_title = len(toks), hi - lo
+        ends = np.cumsum(tlen)
+        within = np.arange(n_tok) - np.repeat(ends - tlen, tlen)
+        # Row j of a title predicts its token j+1; its last row predicts eot.
+        labels = np.append(toks[1:], eot)
+        labels[ends - 1] = eot
+        title_of_row = np.repeat(np.arange(n_title), tlen)
+
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        token_ids = t(toks).repeat(num_seq)
+        position_ids = t(within).repeat(num_seq) + cache.lengths.repeat_interleave(n_tok)
+        by_sample_cu = (torch.arange(num_seq + 1, device=device) * n_tok).to(torch.int32)
+        title_cu = torch.as_tensor(np.concatenate([[0], ends]), device=device)
+        starts = (torch.arange(num_seq, device=device)[:, None] * n_tok + title_cu[None, :-1]).ravel()
+        own_cu = torch.cat([starts, title_cu.new_full((1,), num_seq * n_tok)]).to(torch.int32)
+        max_title = int(tlen.max())
+
+        def own(layer, k, v, own_cu=own_cu, max_title=max_title):
+            return k, v, own_cu, own_cu, max_title, max_title
+
+        hidden = forward_continuations(model, cache, token_ids, position_ids, by_sample_cu, n_tok, own)
+        logp = token_logprobs(model, hidden, t(labels).repeat(num_seq))
+        sample_of_row = torch.arange(num_seq, device=device).repeat_interleave(n_tok)
+        index = t(title_of_row).repeat(num_seq) + sample_of_row * n_title
+        sums = torch.zeros(num_seq * n_title, dtype=torch.float32, device=device).index_add_(0, index, logp)
+        scores[:, lo:hi] += sums.view(num_seq, n_title)
+    return scores
