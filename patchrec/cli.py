@@ -12,6 +12,8 @@ COMMANDS = {
     "stats": "patchrec.commands.stats",
     "baseline": "patchrec.commands.baseline",
     "eval": "patchrec.commands.eval",
+    "train": "patchrec.commands.train",
+    "demo": "patchrec.commands.demo",
 }
 
 

@@ -289,23 +289,17 @@ def pack_batch(
     return packer.build(s)
 
 
-def iter_batches(
+def _batch_slots(
+    packer: Packer,
     samples: Samples,
     planner: Planner,
-    tokens: TokenizedDataset,
     max_rows: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    order: np.ndarray | None = None,
-    answer: bool = True,
-) -> Iterator[PackedBatch]:
-    """Token-budget batches over ``samples`` (one epoch): consecutive samples of the order, as many as fit in
-    ``max_rows`` rows (all views of a sample count together and stay in one batch).
-
-    ``order``: explicit sample indices to visit (e.g. a shard); otherwise ``arange`` or, with ``shuffle``, a
-    permutation from ``seed``. Random plans draw from a generator seeded by ``seed`` too, so an epoch is
-    reproducible. A sample that alone exceeds ``max_rows`` raises ValueError (never cut).
-    """
+    shuffle: bool,
+    seed: int,
+    order: np.ndarray | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The planned slots of each token-budget batch of one epoch (see ``iter_batches``), before any token
+    is gathered: ``iter_batches`` builds them, ``count_batches`` only counts them."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     order_rng, plan_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -317,7 +311,6 @@ def iter_batches(
         order = np.asarray(order, dtype=np.int64)
         if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= len(samples))):
             raise ValueError(f"order must be 1-D sample indices in [0, {len(samples)})")
-    packer = Packer(tokens, answer)
     views = planner.views
     pending = None
     total = max(len(order), 1)
@@ -340,9 +333,46 @@ def iter_batches(
             end = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + max_rows, side="right"))
             if end == len(cum) and not last:
                 break  # the batch could take samples of the next chunk
-            yield packer.build(_take(s, start * views, end * views))
+            yield _take(s, start * views, end * views)
             start = end
         pending = _take(s, start * views, len(cum) * views)
+
+
+def iter_batches(
+    samples: Samples,
+    planner: Planner,
+    tokens: TokenizedDataset,
+    max_rows: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+    answer: bool = True,
+) -> Iterator[PackedBatch]:
+    """Token-budget batches over ``samples`` (one epoch): consecutive samples of the order, as many as fit in
+    ``max_rows`` rows (all views of a sample count together and stay in one batch).
+
+    ``order``: explicit sample indices to visit (e.g. a shard); otherwise ``arange`` or, with ``shuffle``, a
+    permutation from ``seed``. Random plans draw from a generator seeded by ``seed`` too, so an epoch is
+    reproducible. A sample that alone exceeds ``max_rows`` raises ValueError (never cut).
+    """
+    packer = Packer(tokens, answer)
+    for slots in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order):
+        yield packer.build(slots)
+
+
+def count_batches(
+    samples: Samples,
+    planner: Planner,
+    tokens: TokenizedDataset,
+    max_rows: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    order: np.ndarray | None = None,
+    answer: bool = True,
+) -> int:
+    """How many batches ``iter_batches`` with the same arguments yields, planning only (no token gather)."""
+    packer = Packer(tokens, answer)
+    return sum(1 for _ in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order))
 
 
 def history_token_counts(
@@ -361,4 +391,4 @@ def history_token_counts(
     return before, after
 
 
-__all__ = ["PackedBatch", "Packer", "history_token_counts", "iter_batches", "pack_batch"]
+__all__ = ["PackedBatch", "Packer", "count_batches", "history_token_counts", "iter_batches", "pack_batch"]

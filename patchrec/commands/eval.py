@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from patchrec.data.source import load_data
 from patchrec.metrics import DEFAULT_KS
-
-# --data synthetic: a catalog small enough for a CPU smoke run
-SYNTHETIC_USERS = 100
-SYNTHETIC_ITEMS = 200
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,16 +60,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _load_data(data: str):
-    if data == "synthetic":
-        from patchrec.data.synthetic import make_synthetic
-
-        return make_synthetic(num_users=SYNTHETIC_USERS, num_items=SYNTHETIC_ITEMS, seed=0)
-    from patchrec.data.release import load_release
-
-    return load_release(data)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -95,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    dataset = _load_data(args.data)
+    dataset = load_data(args.data)
     tokens = tokenize_dataset(tokenizer, dataset)
     samples = make_samples(dataset, args.split, args.max_items)
     if len(samples) == 0:

@@ -1,0 +1,122 @@
+"""``patchrec train``: one training stage on the packed path (patch pre-training, PFT-I, PFT-S, vanilla SFT,
+dropout ablation).
+
+Two-stage example (METHOD.md §3)::
+
+    patchrec train --stage pretrain --data ../shared/data/patchrec/ml-100k \\
+        --tokenizer ../shared/tokenizers/llama3 --init tiny --preset tiny --out runs/ml100k-pretrain
+    patchrec train --stage pft-i --data ../shared/data/patchrec/ml-100k \\
+        --init runs/ml100k-pretrain --preset tiny --out runs/ml100k-pft-i
+
+``--init`` is a model preset (random init), a Hugging Face model directory, or a previous run's ``--out``
+(its ``model/``; the tokenizer saved there is used when ``--tokenizer`` is absent). ``--resume`` continues
+from the newest checkpoint in ``--out`` and reproduces the uninterrupted run. Writes ``train_config.json``,
+``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from patchrec.train_config import PRESETS, STAGES, TrainConfig
+
+# argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
+_OVERRIDES = ("k", "g", "p", "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
+              "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
+              "synthetic_interests", "synthetic_long_term_share", "lr",
+              "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "max_rows", "grad_accum",
+              "seed", "val_every", "val_samples", "val_plan", "log_every", "save_every", "keep_checkpoints",
+              "halt_after", "dtype", "device")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="train one stage (pretrain, pft-i, pft-s, vanilla, dropout) on the packed path",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("stage and model")
+    what.add_argument("--stage", required=True, choices=STAGES, help="plan trained in this stage")
+    what.add_argument("--init", default=None,
+                      help="model preset (tiny, llama-3.2-1b: random init), model dir, or a previous run dir")
+    what.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="hyperparameter preset (METHOD.md §3 released settings, or tiny for CPU)")
+    what.add_argument("--k", type=int, default=None, help="pft-i: newest items kept as text (default 5)")
+    what.add_argument("--g", type=int, default=None, help="pft-s: session size (default 5; ml-100k 20)")
+    what.add_argument("--p", type=float, default=None,
+                      help="pretrain/dropout probability (default: linear curriculum 0 -> 1)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="release directory or 'synthetic'")
+    data.add_argument("--tokenizer", default=None,
+                      help="HF tokenizer dir (default: the init model's; random init: a BPE on the titles)")
+    data.add_argument("--tokenizer-vocab", type=int, default=None, help="vocabulary of that BPE (1000)")
+    data.add_argument("--max-items", type=int, default=None, help="history length L (default 100)")
+    data.add_argument("--train-samples", type=int, default=None,
+                      help="train on a seeded random subset of this many samples (default 0 = all)")
+    data.add_argument("--synthetic-users", type=int, default=None, help="--data synthetic: users (1000)")
+    data.add_argument("--synthetic-items", type=int, default=None, help="--data synthetic: items (200)")
+    data.add_argument("--synthetic-length", type=float, default=None,
+                      help="--data synthetic: mean items per user (40)")
+    data.add_argument("--synthetic-topics", type=int, default=None, help="--data synthetic: topics (10)")
+    data.add_argument("--synthetic-interests", type=int, default=None,
+                      help="--data synthetic: long-lived topics per user (3)")
+    data.add_argument("--synthetic-long-term-share", type=float, default=None,
+                      help="--data synthetic: share of items from those topics (0.6)")
+    data.add_argument("--out", required=True, help="output directory")
+    data.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
+    opt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    opt.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup share (default 0.05)")
+    opt.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 0.3; 0 = off)")
+    opt.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
+    opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    opt.add_argument("--max-rows", type=int, default=None, help="token budget: packed rows per micro-batch")
+    opt.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    opt.add_argument("--seed", type=int, default=None, help="seed for init, data order and random plans")
+
+    run = parser.add_argument_group("validation, logging, checkpoints, hardware")
+    run.add_argument("--val-every", type=int, default=None, help="steps between validations (0 = never)")
+    run.add_argument("--val-samples", type=int, default=None, help="validation subset size (default 256)")
+    run.add_argument("--val-plan", choices=("vanilla", "pft-i", "pft-s"), default=None,
+                     help="plan used for validation (default: the stage's; pft-i for pretrain/dropout)")
+    run.add_argument("--log-every", type=int, default=None, help="steps between log.jsonl lines")
+    run.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0 = end only)")
+    run.add_argument("--keep-checkpoints", type=int, default=None, help="checkpoints kept (default 2)")
+    run.add_argument("--halt-after", type=int, default=None,
+                     help="stop with a checkpoint after this step, schedule unchanged (resume later)")
+    run.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=None,
+                     help="autocast: auto = bf16 on CUDA, fp32 on CPU")
+    run.add_argument("--device", default=None, help="cuda, cpu or auto (default)")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.set_defaults(run=run_command)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values |= {"stage": args.stage, "data": args.data, "out": args.out, "progress": not args.no_progress}
+    values |= {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+    return TrainConfig(**values)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from patchrec.train import train
+
+    config = config_from_args(args)
+    result = train(config, resume=args.resume)
+    done = "finished" if result.model_dir is not None else "halted (resume with --resume)"
+    print(f"{done} at step {result.step}/{result.total_steps}: loss {result.final_loss:.4f}, "
+          f"{result.rows_per_s:.0f} rows/s, {result.samples_per_s:.1f} sequences/s")
+    if result.val_metrics:
+        last = result.val_metrics[-1]
+        print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in last.items() if "@" in k))
+    if result.model_dir is not None:
+        print(f"model: {result.model_dir}")
+    return 0
+
+
+run = run_command

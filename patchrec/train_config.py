@@ -1,0 +1,140 @@
+"""Configuration of one training stage on the packed path (``patchrec.train``), with named presets.
+
+The released settings (METHOD.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
+warmup ratio 0.05, gradient clipping at 0.3, bf16, global batch 64 (MovieLens) / 32 (Goodreads) samples.
+Here a batch is a token budget (``max_rows`` rows per micro-batch) times ``grad_accum`` micro-batches, so
+the presets pick a budget that holds roughly the released number of samples per optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout")
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train -----------------------------------------------------------------------------------
+    stage: str = "pft-i"  # plan of this stage: pretrain | pft-i | pft-s | vanilla (plain SFT) | dropout
+    k: int = 5  # pft-i: newest items kept as text (paper: 5)
+    g: int = 5  # pft-s: session size (paper: 5 for ML-1M / Goodreads, 20 for ML-100K)
+    p: float | None = None  # pretrain / dropout probability; None = the linear curriculum 0 -> 1
+    init: str = "tiny"  # model preset name (random init) or a model / checkpoint / run directory
+    # ---- data --------------------------------------------------------------------------------------------
+    data: str = "synthetic"  # release directory, or "synthetic" (patchrec.data.synthetic)
+    synthetic_users: int = 1000  # --data synthetic: users
+    synthetic_items: int = 200  # --data synthetic: catalog size
+    synthetic_length: float = 40.0  # --data synthetic: mean items per user
+    synthetic_topics: int = 10  # --data synthetic: topic clusters (what a model can learn beyond popularity)
+    synthetic_interests: int = 3  # --data synthetic: long-lived topics per user
+    synthetic_long_term_share: float = 0.6  # --data synthetic: share of items from the long-lived topics
+    synthetic_seed: int = 0  # --data synthetic: generator seed (independent of the training seed)
+    tokenizer: str | None = None  # HF tokenizer dir; None: the init dir's, or a BPE trained on the titles
+    tokenizer_vocab: int = 1000  # vocabulary of the BPE trained on the titles when no tokenizer is given
+    max_items: int = 100  # history length L (METHOD.md §4)
+    train_samples: int = 0  # use a seeded random subset of this many training samples (0 = all)
+    out: str = "runs/train"  # output directory (model/, checkpoints/, log.jsonl, train_config.json)
+    # ---- optimisation ------------------------------------------------------------------------------------
+    lr: float = 1e-5  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.05  # share of the steps with linear warmup before the cosine decay
+    grad_clip: float = 0.3  # max global gradient norm (0 = no clipping)
+    epochs: int = 1  # passes over the training samples (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs (the schedule is laid out over these)
+    max_rows: int = 8192  # token budget: packed rows per micro-batch (a sample never straddles two)
+    grad_accum: int = 1  # micro-batches per optimizer step; the loss is weighted by answer tokens
+    seed: int = 0  # weights (preset init), data order, random plans
+    # ---- validation, logging, checkpoints ----------------------------------------------------------------
+    val_every: int = 0  # steps between validations (0 = never; also skipped if patchrec.evaluate is absent)
+    val_samples: int = 256  # seeded random subset of the validation split used for HR/NDCG
+    val_plan: str | None = None  # plan for validation; None = the stage's, or pft-i for pretrain / dropout
+    log_every: int = 10  # steps between log.jsonl lines (the progress bar updates every step)
+    save_every: int = 0  # steps between checkpoints (0 = only the final model)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (older ones are deleted after a save)
+    halt_after: int = 0  # stop (with a checkpoint) after this step without changing the schedule (0 = never)
+    # ---- hardware ----------------------------------------------------------------------------------------
+    dtype: str = "auto"  # autocast: auto = bf16 on CUDA and fp32 on CPU; bf16 (CUDA only); fp32
+    device: str = "auto"  # auto = cuda when available, else cpu
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.val_plan is not None and self.val_plan not in ("vanilla", "pft-i", "pft-s"):
+            raise ValueError(f"val_plan must be vanilla, pft-i or pft-s, got {self.val_plan!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.p is not None and not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {self.p}")
+        positive = ("lr", "max_rows", "grad_accum", "max_items", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        non_negative = ("weight_decay", "grad_clip", "epochs", "max_steps", "val_every", "val_samples",
+                        "log_every", "save_every", "halt_after", "train_samples")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+
+    # ---- serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such train config")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Released settings (METHOD.md §3). max_rows x grad_accum is sized for ~64 (MovieLens) / ~32 (Goodreads)
+# samples of up to L = 100 items as text (~1.2k rows each with the Llama-3 tokenizer) per optimizer step.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ml-100k": dict(lr=1e-5, g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
+                    max_rows=16384, grad_accum=4),
+    # The release lowers the learning rate for ML-100K PFT-S.
+    "ml-100k-pft-s": dict(lr=3e-6, stage="pft-s", g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3,
+                          epochs=1, max_rows=16384, grad_accum=4),
+    "ml-1m": dict(lr=8e-6, g=5, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
+                  max_rows=16384, grad_accum=4),
+    "goodreads": dict(lr=5e-5, g=5, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
+                      max_rows=16384, grad_accum=2),
+    # CPU, random init (model preset "tiny"): a high learning rate because nothing is pre-trained, looser
+    # clipping because early gradients of a random model are large, a small token budget for 2 cores.
+    "tiny": dict(init="tiny", lr=2e-3, weight_decay=0.01, warmup_ratio=0.05, grad_clip=1.0, epochs=1,
+                 max_rows=4096, grad_accum=1, log_every=5),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A ``TrainConfig`` from a named preset (``PRESETS``) with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return TrainConfig(**(PRESETS[name] | overrides))
