@@ -198,7 +198,12 @@ def save_model_dir(path: Path, model: PackedLlama, tokenizer) -> None:
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state is stored as plain values and a tensor so that the checkpoint loads with
+    # torch.load(weights_only=True): no pickled objects are ever unpickled.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -206,7 +211,8 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -238,8 +244,8 @@ def save_checkpoint(
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    # Our own file (optimizer tensors, RNG tuples with numpy arrays): full unpickling is needed and safe here.
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    # Tensors, numbers, strings and containers only (see rng_states): no arbitrary unpickling.
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 # ---- validation --------------------------------------------------------------------------------------------
