@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):
+        # transformers draws its own bars (loading and writing checkpoints); --no-progress means all bars.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
