@@ -13,13 +13,11 @@ Joins with the other benches through ``extra_info``: ``provider`` is the ranking
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "patchrec" / "ml-100k"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
@@ -29,29 +27,10 @@ from patchrec.data.dataset import Samples  # noqa: E402
 from patchrec.model import PackedLlama  # noqa: E402
 from patchrec.plan import make_planner  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-PRESET = "llama-3.2-1b" if HAS_CUDA else "tiny"
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 USERS, LENGTH, GROUP_SIZE, BEAMS = 2, 100, 20, 20
 PLAN = "pft-s"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2 CPU cores are shared with other jobs: two intra-op threads then spin at barriers while the other
-    # core is busy, which turns small ops into noise. One thread gives steadier side-by-side ratios.
-    if HAS_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
 
 
 @pytest.fixture(scope="module")

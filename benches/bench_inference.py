@@ -26,13 +26,11 @@ CPU: tiny preset (Llama-3 vocabulary), the single longest user. CUDA: Llama-3.2-
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, sync
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
@@ -43,10 +41,6 @@ from patchrec.model import PackedLlama  # noqa: E402
 from patchrec.pack import pack_batch  # noqa: E402
 from patchrec.plan import make_planner  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-PRESET = "llama-3.2-1b" if HAS_CUDA else "tiny"
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 USERS = 2 if HAS_CUDA else 1
 MIN_INTERACTIONS = 500
 TEXT_ITEMS, GROUP_SIZE = 20, 20
@@ -57,26 +51,7 @@ BUDGET_BYTES = 1 << 30
 KV_BYTES_PER_ROW = 2 * 16 * 8 * 64 * 2  # K and V x layers x KV heads x head dim x bf16, Llama-3.2-1B
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2 CPU cores are shared with other jobs: two intra-op threads then spin at barriers while the other
-    # core is busy, which turns small ops into noise. One thread gives steadier side-by-side ratios.
-    if HAS_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
-
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 def max_items_in_budget(plan: str, budget_rows: int, title_tokens: float, prompt_rows: int) -> int:
@@ -172,7 +147,7 @@ def test_prefill(benchmark, setup, plan, length):
         batch = pack_batch(samples, ids, plans, tokens, answer=False).to(DEVICE)
         with torch.inference_mode():
             model.hidden_states(batch, validate=False)
-        _sync()
+        sync()
 
     benchmark.group = "inference_prefill"
     benchmark.pedantic(prefill, rounds=5 if HAS_CUDA else 3, warmup_rounds=1, iterations=1)
@@ -192,7 +167,7 @@ def test_prefill_exact_rank(benchmark, setup, plan, length):
         result["r"] = evaluate(
             model, tokens, samples, planner=planner, ranking="exact", limit=len(samples), progress=False
         )
-        _sync()
+        sync()
 
     benchmark.group = "inference_rank"
     # ~40 s a round on CPU (the catalog term, see the module docstring): one round, no warm-up there.

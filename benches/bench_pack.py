@@ -9,12 +9,10 @@ epoch); the timed region is one epoch of ``iter_batches`` with a 16,384-row budg
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from machine import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
 MAX_ROWS = 16384

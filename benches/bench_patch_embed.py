@@ -20,13 +20,11 @@ provider writes all of it); both = the sum. Elements times the table's element s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from machine import DEVICE, DTYPE, HAS_CUDA, SHARED, sync
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not (SHARED / "data" / "patchrec" / "ml-1m").exists() or not (SHARED / "tokenizers" / "llama3").exists():
     pytest.skip(f"{SHARED} (ML-1M titles, Llama-3 tokenizer) not available", allow_module_level=True)
 
@@ -40,19 +38,12 @@ from patchrec_kernels.patch_embed import (  # noqa: E402
 )
 from patchrec_kernels.reference.patch_embed import patch_embed_reference  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 NUM_SAMPLES = 64 if HAS_CUDA else 8
 DIM = 2048 if HAS_CUDA else 256
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 ROUNDS = 30 if HAS_CUDA else 20
 PROVIDERS = ["triton", "triton_atomic", "reference", "embedding_bag", "loop"]
 MODES = ["fwd", "bwd", "both"]
 
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
 
 
 class Case:
@@ -138,27 +129,27 @@ def test_patch_embed_throughput(benchmark, case, provider, mode):
             run = lambda: patch_embed_fwd(weight.detach(), *case.index)
         else:
             run = lambda: _forward(provider, case, weight.detach())
-        target, setup = (lambda: (run(), _sync())), None
+        target, setup = (lambda: (run(), sync())), None
     elif mode == "bwd" and provider.startswith("triton"):
         deterministic = provider == "triton"
         bwd = lambda: patch_embed_bwd(grad_out, *case.index, LLAMA3_VOCAB, deterministic=deterministic)
-        target, setup = (lambda: (bwd(), _sync())), None
+        target, setup = (lambda: (bwd(), sync())), None
     elif mode == "bwd":
 
         def setup():
             weight.grad = None
             out = _forward(provider, case, weight)
-            _sync()
+            sync()
             return (out,), {}
 
-        target = lambda out: (out.backward(grad_out), _sync())
+        target = lambda out: (out.backward(grad_out), sync())
     else:
 
         def setup():
             weight.grad = None
             return (), {}
 
-        target = lambda: (_forward(provider, case, weight).backward(grad_out), _sync())
+        target = lambda: (_forward(provider, case, weight).backward(grad_out), sync())
 
     # The loop's backward costs seconds per round (a dense [V, D] gradient per item): a few rounds suffice.
     rounds = 3 if provider == "loop" and mode != "fwd" else ROUNDS

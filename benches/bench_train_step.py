@@ -35,14 +35,13 @@ import copy
 import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, sync
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
@@ -53,10 +52,6 @@ from patchrec.pack import pack_batch  # noqa: E402
 from patchrec.plan import make_planner  # noqa: E402
 from patchrec_kernels.patch_embed import token_scale  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-PRESET = "llama-3.2-1b" if HAS_CUDA else "tiny"
-DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 BATCH = int(os.environ.get("PATCHREC_BENCH_BATCH", 16 if HAS_CUDA else 4))
 LENGTHS = [20, 50, 100, 200] if HAS_CUDA else [20, 50, 100]
 ROUNDS = 5 if HAS_CUDA else 2
@@ -65,26 +60,7 @@ PROVIDERS = ["patchrec", "hf-padded", "authors-loop"]
 GROUP = "train_step"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The 2 CPU cores are shared with other jobs: two intra-op threads then spin at barriers while the other
-    # core is busy, which turns small ops into noise. One thread gives steadier side-by-side ratios.
-    if HAS_CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def _sync():
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
 
 
 def _rss_bytes() -> int:
@@ -95,11 +71,11 @@ def _rss_bytes() -> int:
 def measure_peak(fn) -> tuple[int, str]:
     """Peak bytes allocated by one call of ``fn`` above what was held before it, and how it was measured."""
     if HAS_CUDA:
-        _sync()
+        sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
-        _sync()
+        sync()
         return torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated - allocated before"
     base = _rss_bytes()
     peak = [base]
@@ -266,7 +242,7 @@ def test_train_step(benchmark, ml1m, models, plan, length, provider):
         optimizer.zero_grad(set_to_none=True)
         loss_fn(case).backward()
         optimizer.step()
-        _sync()
+        sync()
 
     benchmark.group = GROUP
     try:

@@ -7,5 +7,22 @@ picks there), and the Triton providers of bench_patch_embed skip without CUDA.
 
 import os
 
+import pytest
+import torch
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise RuntimeError("unset TRITON_INTERPRET for benchmarks: interpreted kernels are not worth timing")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # On the 2-core CPU machine the cores are shared with other jobs: two intra-op threads then spin at
+    # barriers while the other core is busy, which turns small ops into noise. One thread gives steadier
+    # side-by-side ratios. GPUs are left alone.
+    if torch.cuda.is_available():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

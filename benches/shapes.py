@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+from machine import SHARED
 
 from patchrec.plan import ITEM, SESSION, TEXT, pft_i_plan, pft_s_plan
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 ML1M_TITLES = SHARED / "data" / "patchrec" / "ml-1m" / "id2title.txt"
 LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
 LLAMA3_VOCAB = 128256
