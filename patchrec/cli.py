@@ -29,6 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_threads(threads: int | None) -> None:
+    """``--threads N`` of any command: torch's CPU intra-op threads (None or 0: torch's default)."""
+    if threads is None:
+        return
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "no_progress", False):
@@ -37,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        _apply_threads(getattr(args, "threads", None))
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         print(f"patchrec {args.command}: error: {exc}", file=sys.stderr)

@@ -119,10 +119,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_items < 1:
         raise ValueError(f"--max-items must be >= 1, got {args.max_items}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     progress = not args.no_progress
     t0 = time.perf_counter()

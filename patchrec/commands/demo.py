@@ -29,7 +29,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from patchrec.demo import main
 
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     print(main(args.out, quick=args.quick, threads=args.threads, progress=not args.no_progress))
     return 0
