@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, sync
+from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, measured_seconds, sync
 
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
@@ -152,7 +152,7 @@ def test_prefill(benchmark, setup, plan, length):
     benchmark.group = "inference_prefill"
     benchmark.pedantic(prefill, rounds=5 if HAS_CUDA else 3, warmup_rounds=1, iterations=1)
     batch = pack_batch(samples, ids, plans, tokens, answer=False)
-    benchmark.extra_info.update(_info(setup, plan, samples, benchmark.stats.stats.median, batch))
+    benchmark.extra_info.update(_info(setup, plan, samples, measured_seconds(benchmark), batch))
 
 
 @pytest.mark.parametrize("plan,length", RANK_CASES, ids=[f"{p}-{n or 'full'}" for p, n in RANK_CASES])
@@ -174,6 +174,6 @@ def test_prefill_exact_rank(benchmark, setup, plan, length):
     benchmark.pedantic(rank, rounds=3 if HAS_CUDA else 1, warmup_rounds=1 if HAS_CUDA else 0, iterations=1)
     plans = planner.plan_batch(samples.history_lengths, width=samples.max_items)
     batch = pack_batch(samples, np.arange(len(samples)), plans, tokens, answer=False)
-    info = _info(setup, plan, samples, benchmark.stats.stats.median, batch)
+    info = _info(setup, plan, samples, measured_seconds(benchmark), batch)
     info.update(ranking="exact", distinct_titles=result["r"].config.get("distinct_titles"))
     benchmark.extra_info.update(info)

@@ -9,9 +9,11 @@ epoch); the timed region is one epoch of ``iter_batches`` with a 16,384-row budg
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from machine import SHARED
+from machine import SHARED, measured_seconds
 
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
@@ -54,7 +56,7 @@ def test_pack_ml1m_train_pft_i(benchmark, ml1m):
         benchmark.pedantic(epoch, rounds=1, iterations=1, warmup_rounds=0)
     finally:
         torch.set_num_threads(threads)
-    seconds = benchmark.stats.stats.mean
+    seconds = measured_seconds(benchmark, "mean")
     assert totals["sequences"] == len(samples)
     benchmark.extra_info.update(
         samples=len(samples),
@@ -67,4 +69,5 @@ def test_pack_ml1m_train_pft_i(benchmark, ml1m):
         rows_per_s=totals["rows"] / seconds,
         token_ids_per_s=totals["tokens"] / seconds,
     )
-    assert seconds < 60, f"plan+pack of ML-1M train took {seconds:.1f} s (budget 60 s on one core)"
+    if not math.isnan(seconds):  # timed (not --benchmark-disable): issue #3's budget on one core
+        assert seconds < 60, f"plan+pack of ML-1M train took {seconds:.1f} s (budget 60 s on one core)"

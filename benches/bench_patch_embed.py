@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from machine import DEVICE, DTYPE, HAS_CUDA, SHARED, sync
+from machine import DEVICE, DTYPE, HAS_CUDA, SHARED, measured_seconds, sync
 
 if not (SHARED / "data" / "patchrec" / "ml-1m").exists() or not (SHARED / "tokenizers" / "llama3").exists():
     pytest.skip(f"{SHARED} (ML-1M titles, Llama-3 tokenizer) not available", allow_module_level=True)
@@ -154,7 +154,7 @@ def test_patch_embed_throughput(benchmark, case, provider, mode):
     # The loop's backward costs seconds per round (a dense [V, D] gradient per item): a few rounds suffice.
     rounds = 3 if provider == "loop" and mode != "fwd" else ROUNDS
     benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
-    median = benchmark.stats.stats.median
+    median = measured_seconds(benchmark)
     moved = case.bytes_moved(mode)
     benchmark.extra_info.update(
         case.info,

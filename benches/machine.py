@@ -23,3 +23,10 @@ def sync() -> None:
     """Wait for queued GPU work, so that a timed region covers it."""
     if HAS_CUDA:
         torch.cuda.synchronize()
+
+
+def measured_seconds(benchmark, stat: str = "median") -> float:
+    """A timing statistic of ``benchmark``, or NaN under ``--benchmark-disable`` (the body ran once, untimed,
+    as a smoke test: the rates derived from it are NaN rather than an error)."""
+    stats = benchmark.stats
+    return float(getattr(stats.stats, stat)) if stats is not None else float("nan")
