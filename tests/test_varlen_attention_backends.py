@@ -1,0 +1,277 @@
+"""varlen_attention backends: resolution order, explicit overrides, the fused backends' glue on CPU through
+fakes that compute with the reference, and the real flash-attn / torch varlen kernels on a GPU."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+import types
+
+import pytest
+import torch
+from varlen_helpers import cu_from_lengths, dense_attention, random_lengths, random_tensor
+
+from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
+from patchrec_kernels.runtime import HAS_FLASH_ATTN
+from patchrec_kernels.varlen_attention import resolve_varlen_backend, varlen_attention
+
+# The package re-exports the op under the module's name, so fetch the module itself.
+vmod = importlib.import_module("patchrec_kernels.varlen_attention")
+
+
+# ---------------------------------------------------------------------------------- backend resolution
+
+TORCH_2_13_PARAMS = frozenset({"return_aux", "scale", "window_size", "enable_gqa"})
+TORCH_OLD_PARAMS = frozenset({"return_aux", "is_causal"})  # 2.10-style: no window, no gqa, no scale
+
+
+def test_cpu_resolves_to_reference(caplog):
+    q = torch.randn(4, 2, 8, dtype=torch.bfloat16)
+    with caplog.at_level(logging.DEBUG, logger=vmod.__name__):
+        assert resolve_varlen_backend(q) == "reference"
+    assert "backend=reference" in caplog.text
+    for name in ("flash_attn", "torch"):
+        with pytest.raises(ValueError, match=name):
+            resolve_varlen_backend(q, backend=name)
+        with pytest.raises(ValueError, match="cannot run here"):
+            varlen_attention(q, q, q, cu_from_lengths([4]), 4, backend=name)
+
+
+def test_installed_torch_varlen_signature():
+    """The torch backend's assumptions about the installed torch (2.13): the 2.13-style keywords exist."""
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+        pytest.skip("older torch: the backend adapts to its signature instead")
+    params = vmod._torch_varlen_params()
+    assert params is not None and TORCH_2_13_PARAMS <= params
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend tensors sit on an sm80+ GPU so that the availability logic can be exercised on CPU."""
+    monkeypatch.setattr(vmod, "_cuda_problem", lambda q: None)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "flash, torch_params, dtype, head_dim, return_lse, expected",
+    [
+        (True, TORCH_2_13_PARAMS, torch.float16, 64, True, "flash_attn"),
+        (False, TORCH_2_13_PARAMS, torch.bfloat16, 64, True, "torch"),
+        (False, None, torch.bfloat16, 64, False, "reference"),
+        (True, TORCH_2_13_PARAMS, torch.float32, 64, False, "reference"),
+        (True, TORCH_2_13_PARAMS, torch.float16, 320, False, "reference"),
+        (False, frozenset({"is_causal"}), torch.float16, 64, True, "reference"),  # no lse there
+        (False, frozenset({"is_causal"}), torch.float16, 64, False, "torch"),
+    ],
+)
+def test_auto_resolution_order(fake_gpu, flash, torch_params, dtype, head_dim, return_lse, expected):
+    fake_gpu.setattr(vmod, "HAS_FLASH_ATTN", flash)
+    fake_gpu.setattr(vmod, "_torch_varlen_params", lambda: torch_params)
+    q = torch.zeros(3, 2, head_dim, dtype=dtype)
+    assert resolve_varlen_backend(q, return_lse=return_lse) == expected
+
+
+def test_explicit_backend_reasons(fake_gpu):
+    fake_gpu.setattr(vmod, "HAS_FLASH_ATTN", False)
+    fake_gpu.setattr(vmod, "_torch_varlen_params", lambda: frozenset({"is_causal"}))
+    q = torch.zeros(3, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_varlen_backend(q, backend="flash_attn")
+    with pytest.raises(ValueError, match="return_aux"):
+        resolve_varlen_backend(q, backend="torch", return_lse=True)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        resolve_varlen_backend(q.float(), backend="torch")
+    assert resolve_varlen_backend(q, backend="reference") == "reference"
+
+
+# ------------------------------------------------------------- fused-backend glue on CPU, through fakes
+
+
+def _fake_kernel(q, k, v, cu_q, cu_k, causal, scale, *, padded_lse=False):
+    """What a flash kernel returns, computed by the reference: out, and lse in the kernel layout ([Hq, T],
+    or the padded [B, Hq, max_q] of old flash-attn) with +inf on rows that see no key. Those rows' output
+    is poisoned so that the public op has to zero them itself."""
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
+    assert q.shape[-1] <= 256
+    out, lse = varlen_attention_reference(
+        q, k, v, cu_q, 0, causal=causal, scale=scale, cu_seqlens_k=cu_k, return_lse=True
+    )
+    blind = torch.isneginf(lse)
+    out = out.masked_fill(blind[..., None], 123.0)
+    lse = lse.masked_fill(blind, math.inf)
+    if not padded_lse:
+        return out, lse.transpose(0, 1).contiguous()
+    lengths = cu_q.diff().tolist()
+    padded = torch.full((len(lengths), q.shape[1], max(lengths)), float("nan"))
+    for b, (start, length) in enumerate(zip(cu_q.tolist(), lengths, strict=False)):
+        padded[b, :, :length] = lse[start : start + length].transpose(0, 1)
+    return out, padded
+
+
+def fake_varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                          scale=None, window_size=(-1, -1), enable_gqa=False):  # fmt: skip
+    assert isinstance(window_size, tuple) and window_size in ((-1, -1), (-1, 0))
+    assert query.shape[-1] % 8 == 0, "torch's flash kernel needs head_dim % 8 == 0"
+    assert enable_gqa or query.shape[1] == key.shape[1]
+    out, lse = _fake_kernel(query, key, value, cu_seq_q, cu_seq_k, window_size == (-1, 0), scale)
+    return (out, lse) if return_aux is not None and return_aux.lse else out
+
+
+def fake_varlen_attn_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                         is_causal=False):  # fmt: skip
+    assert query.shape[-1] % 8 == 0 and query.shape[1] == key.shape[1]
+    out, lse = _fake_kernel(query, key, value, cu_seq_q, cu_seq_k, is_causal, None)
+    return (out, lse) if return_aux is not None and return_aux.lse else out
+
+
+def _fake_flash_module(padded_lse):
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                               causal=False, return_attn_probs=False):  # fmt: skip
+        assert dropout_p == 0.0
+        out, lse = _fake_kernel(q, k, v, cu_q, cu_k, causal, softmax_scale, padded_lse=padded_lse)
+        return (out, lse, None) if return_attn_probs else out
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+FAKE_BACKENDS = {
+    "torch-2.13": (
+        "torch",
+        lambda mp: mp.setattr(torch.nn.attention.varlen, "varlen_attn", fake_varlen_attn_2_13),
+    ),
+    "torch-old": (
+        "torch",
+        lambda mp: mp.setattr(torch.nn.attention.varlen, "varlen_attn", fake_varlen_attn_old),
+    ),
+    "flash": ("flash_attn", lambda mp: mp.setitem(sys.modules, "flash_attn", _fake_flash_module(False))),
+    "flash-padded-lse": (
+        "flash_attn",
+        lambda mp: mp.setitem(sys.modules, "flash_attn", _fake_flash_module(True)),
+    ),
+}
+
+
+@pytest.mark.parametrize("fake", list(FAKE_BACKENDS))
+@pytest.mark.parametrize("separate_keys", [False, True])
+def test_fused_backend_glue_matches_reference(fake_gpu, fake, separate_keys):
+    """Argument mapping, GQA, head-dim padding, scale, lse layout and blind rows of the fused paths."""
+    import torch.nn.attention.varlen  # noqa: F401  (so the fake can replace its varlen_attn)
+
+    name, install = FAKE_BACKENDS[fake]
+    install(fake_gpu)
+    fake_gpu.setattr(vmod, "HAS_FLASH_ATTN", True)
+    fake_gpu.setattr(vmod, "_FUSED_DTYPES", (torch.float32,))  # fp32 so that the comparison is tight
+    params = {"torch-2.13": TORCH_2_13_PARAMS, "torch-old": TORCH_OLD_PARAMS}.get(fake, TORCH_2_13_PARAMS)
+    fake_gpu.setattr(vmod, "_torch_varlen_params", lambda: params)
+
+    gen = torch.Generator().manual_seed(51)
+    len_q = [3, 1, 8, 5]
+    len_k = [10, 6, 8, 2] if separate_keys else len_q
+    cu_q, cu_k = cu_from_lengths(len_q, dtype=torch.int64), cu_from_lengths(len_k, dtype=torch.int64)
+    q = random_tensor(gen, sum(len_q), 8, 36, requires_grad=True)  # 36: padded to 40 for torch's kernel
+    k, v = (random_tensor(gen, sum(len_k), 2, 36, requires_grad=True) for _ in range(2))
+    extra = {"cu_seqlens_k": cu_k, "max_seqlen_k": max(len_k)} if separate_keys else {}
+    grad_out = random_tensor(gen, sum(len_q), 8, 36)
+    scale = 0.3  # the old signature has no scale argument: the backend folds it into q
+
+    results = {}
+    for backend in (name, "reference"):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = varlen_attention(*inputs, cu_q, 8, scale=scale, return_lse=True, backend=backend, **extra)
+        out.backward(grad_out)
+        results[backend] = (out, lse, *(t.grad for t in inputs))
+    for what, a, e in zip(("out", "lse", "dq", "dk", "dv"), results[name], results["reference"], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
+    if separate_keys:  # seq 3 has Lq 5 > Lk 2: three rows with no key, poisoned by the fake kernel
+        assert torch.isneginf(results[name][1]).sum() == 3 * 8
+
+
+def test_lse_layouts_normalised():
+    gen = torch.Generator().manual_seed(61)
+    cu = cu_from_lengths([2, 3])
+    token_major = random_tensor(gen, 5, 3)
+    token_major[1, 2] = math.inf  # a kernel's empty row
+    expected = token_major.masked_fill(token_major == math.inf, -math.inf)
+    head_major = token_major.transpose(0, 1).contiguous()
+    padded = torch.full((2, 3, 3), float("nan"))
+    padded[0, :, :2], padded[1, :, :3] = head_major[:, :2], head_major[:, 2:]
+    for lse in (token_major, head_major, padded):
+        torch.testing.assert_close(vmod._lse_token_major(lse, cu, 5, 3), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="lse shape"):
+        vmod._lse_token_major(torch.zeros(4, 4), cu, 5, 3)
+
+
+# ------------------------------------------------------------------------------------- real GPU kernels
+
+
+def _assert_within_eager_error(actual, oracle, eager, what):
+    """DESIGN.md rule: the kernel's error vs the fp64 oracle is at most ~2x eager PyTorch's in that dtype."""
+    err = (actual.double() - oracle).abs().max().item()
+    eager_err = (eager.double() - oracle).abs().max().item()
+    assert err <= 2 * eager_err + 1e-4, f"{what}: kernel error {err:.3g} vs eager {eager_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hkv", [2, 8])
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("backend", ["flash_attn", "torch"])
+def test_gpu_backend_vs_fp64(backend, head_dim, hkv, dtype):
+    if backend == "flash_attn" and not HAS_FLASH_ATTN:
+        pytest.skip("flash-attn is not installed")
+    gen = torch.Generator().manual_seed(71)
+    lengths = random_lengths(gen, 7, 300)
+    cu, total = cu_from_lengths(lengths, device="cuda"), sum(lengths)
+    q = random_tensor(gen, total, 8, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    k, v = (
+        random_tensor(gen, total, hkv, head_dim, dtype=dtype, device="cuda", requires_grad=True) for _ in "kv"
+    )
+    grad_out = random_tensor(gen, total, 8, head_dim, dtype=dtype, device="cuda")
+    assert resolve_varlen_backend(q, backend=backend, return_lse=True) == backend
+
+    out, lse = varlen_attention(q, k, v, cu, max(lengths), return_lse=True, backend=backend)
+    out.backward(grad_out)
+    grads = [t.grad for t in (q, k, v)]
+
+    def dense(dtype_):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        o, l_ = dense_attention(*inputs, cu, cu, causal=True, dtype=dtype_)
+        o.backward(grad_out.to(dtype_))
+        return o, l_, [t.grad for t in inputs]
+
+    oracle, oracle_lse, oracle_grads = dense(torch.float64)
+    eager, _, eager_grads = dense(dtype)
+    _assert_within_eager_error(out, oracle, eager, "out")
+    for name, g, go, ge in zip("qkv", grads, oracle_grads, eager_grads, strict=True):
+        _assert_within_eager_error(g, go, ge, f"d{name}")
+    assert lse.shape == (total, 8) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), oracle_lse, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "torch"])
+def test_gpu_separate_keys_bottom_right(backend):
+    if backend == "flash_attn" and not HAS_FLASH_ATTN:
+        pytest.skip("flash-attn is not installed")
+    gen = torch.Generator().manual_seed(81)
+    len_q, len_k = [3, 1, 80, 5, 2], [100, 6, 80, 2, 0]
+    cu_q, cu_k = cu_from_lengths(len_q, device="cuda"), cu_from_lengths(len_k, device="cuda")
+    q = random_tensor(gen, sum(len_q), 8, 64, dtype=torch.bfloat16, device="cuda")
+    k, v = (random_tensor(gen, sum(len_k), 2, 64, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+    for causal in (True, False):
+        out, lse = varlen_attention(
+            q, k, v, cu_q, 80, causal=causal, cu_seqlens_k=cu_k, max_seqlen_k=100, return_lse=True,
+            backend=backend,
+        )  # fmt: skip
+        ref_out, ref_lse = varlen_attention(
+            q, k, v, cu_q, 80, causal=causal, cu_seqlens_k=cu_k, return_lse=True, backend="reference"
+        )
+        torch.testing.assert_close(out, ref_out, rtol=2e-2, atol=2e-2)
+        blind = torch.isneginf(ref_lse)
+        assert torch.equal(torch.isneginf(lse), blind) and blind.any()
+        torch.testing.assert_close(lse[~blind], ref_lse[~blind], rtol=1e-3, atol=1e-3)
+        assert torch.equal(out[blind[:, 0]], torch.zeros_like(out[blind[:, 0]]))
