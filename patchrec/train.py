@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -188,12 +189,17 @@ def _publish_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model_dir(path: Path, model: PackedLlama, tokenizer) -> None:
-    """Model + tokenizer, written to a temporary directory first and then renamed to ``path``."""
+def save_model_dir(
+    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None
+) -> None:
+    """Model + tokenizer (and whatever ``extra`` writes into the directory), written to a temporary
+    directory first and then renamed to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(str(tmp))
+    if extra is not None:
+        extra(tmp)
     _publish_dir(tmp, path)
 
 
@@ -228,15 +234,14 @@ def save_checkpoint(
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{position['step']:06d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(str(tmp))
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
              "position": dict(position)}
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / "state.json").write_text(json.dumps(position) + "\n")
-    _publish_dir(tmp, root / name)
+
+    def write_state(tmp: Path) -> None:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "state.json").write_text(json.dumps(position) + "\n")
+
+    save_model_dir(root / name, model, tokenizer, extra=write_state)
     _write_atomic_text(root / "latest", name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
