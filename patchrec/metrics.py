@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from patchrec.data.dataset import Samples
+from patchrec.data.dataset import Samples, gather_ragged
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20, 50)
 TIE_RULES = ("pessimistic", "stable", "optimistic")
@@ -119,9 +119,7 @@ def history_mask_pairs(samples: Samples, index: np.ndarray) -> tuple[torch.Tenso
     stops = samples.target_index[index]
     lengths = stops - starts
     rows = np.repeat(np.arange(len(index), dtype=np.int64), lengths)
-    run_starts = np.cumsum(lengths) - lengths
-    within = np.arange(lengths.sum(), dtype=np.int64) - np.repeat(run_starts, lengths)
-    items = ds.items[np.repeat(starts, lengths) + within]
+    items = gather_ragged(ds.items, starts, lengths)
     return torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))
 
 

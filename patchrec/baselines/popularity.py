@@ -12,8 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from patchrec.baselines.train import gather_ragged
-from patchrec.data.dataset import Dataset, Samples
+from patchrec.data.dataset import Dataset, Samples, gather_ragged
 
 
 class Popularity:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from patchrec.data.dataset import Dataset, Samples, make_samples
+from patchrec.data.dataset import Dataset, Samples, gather_ragged, make_samples
 from patchrec.metrics import rank_samples, ranking_metrics
 
 
@@ -61,13 +61,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def gather_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``flat[starts[i] : starts[i] + lengths[i]]`` over i, without a Python loop."""
-    run_starts = np.cumsum(lengths) - lengths
-    within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(run_starts, lengths)
-    return flat[np.repeat(starts, lengths) + within]
 
 
 def cu_seqlens_of(lengths: np.ndarray) -> torch.Tensor:

@@ -14,6 +14,18 @@ SPLITS = ("train", "val", "test")
 HISTORY_PLACEHOLDER = "[HISTORY_SEQUENCE]"
 
 
+def ragged_arange(lengths: np.ndarray) -> np.ndarray:
+    """``0..n-1`` for every run of length ``n`` in ``lengths``, concatenated (int64): the position of each
+    element inside its run, without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def gather_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``flat[starts[i] : starts[i] + lengths[i]]`` over i, without a Python loop."""
+    return flat[np.repeat(starts, lengths) + ragged_arange(lengths)]
+
+
 @dataclass
 class Dataset:
     """A catalog, every user's time-ordered items, and each user's split ranges.
@@ -112,10 +124,7 @@ def make_samples(dataset: Dataset, split: str, max_items: int = 100, min_positio
     start = np.maximum(ranges[:, 0], min_position)
     counts = np.where(ranges[:, 0] >= 0, np.maximum(ranges[:, 1] - start + 1, 0), 0)
     users = np.repeat(np.arange(dataset.num_users, dtype=np.int32), counts)
-    # position of each sample inside its user's run: 0..count-1
-    run_starts = np.cumsum(counts) - counts
-    within = np.arange(counts.sum(), dtype=np.int64) - np.repeat(run_starts, counts)
-    position = np.repeat(start, counts) + within
+    position = np.repeat(start, counts) + ragged_arange(counts)
     user_base = dataset.user_offsets[:-1][users]
     target_index = user_base + position
     hist_start = user_base + np.maximum(position - max_items, 0)

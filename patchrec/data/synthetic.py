@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from patchrec.data.dataset import Dataset
+from patchrec.data.dataset import Dataset, ragged_arange
 from patchrec.data.interactions import build_dataset
 from patchrec.data.movielens import SYSTEM_PROMPT, USER_PROMPT
 
@@ -203,7 +203,7 @@ def make_synthetic(
     # searchsorted on (topic + uniform) draws an item of that topic.
     by_topic = np.lexsort((rng.random(V), topic_of_item))
     sizes = np.bincount(topic_of_item, minlength=T)
-    rank = np.arange(V) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    rank = ragged_arange(sizes)
     weight = 1.0 / (rank + 1.0) ** config.popularity_exponent
     topic_sorted = topic_of_item[by_topic]
     ends = np.cumsum(sizes)
@@ -223,7 +223,7 @@ def make_synthetic(
     total = int(draws.sum())
     user = np.repeat(np.arange(U), draws)
     starts = np.cumsum(draws) - draws
-    position = np.arange(total) - np.repeat(starts, draws)
+    position = ragged_arange(draws)
 
     interests = np.argsort(rng.random((U, T)), axis=1)[:, : config.interests]
     interest_weights = rng.dirichlet(np.ones(config.interests), size=U)
