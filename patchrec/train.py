@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import set_seed
 
 from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
@@ -72,12 +73,6 @@ class TrainResult:
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -316,7 +311,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         _check_resume_config(out, config)
         if checkpoint is None:
             print(f"patchrec train: no checkpoint in {out}, starting from scratch", file=sys.stderr)
-    seed_everything(config.seed)
+    set_seed(config.seed)
     dataset = load_dataset(config)
     init_dir = resolve_model_dir(config.init)
     tok_dir = resolve_tokenizer(config, dataset, init_dir, out)

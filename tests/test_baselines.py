@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import set_seed
 
 from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRecConfig, TrainConfig
-from patchrec.baselines.train import cu_seqlens_of, evaluate, fit, seed_everything, training_windows
+from patchrec.baselines.train import cu_seqlens_of, evaluate, fit, training_windows
 from patchrec.data.dataset import Dataset, make_samples
 from patchrec.data.synthetic import make_synthetic
 from patchrec.metrics import rank_samples, ranking_metrics
@@ -44,7 +45,7 @@ def _sasrec_one_sequence(model: SASRec, seq: torch.Tensor) -> torch.Tensor:
 
 
 def test_packed_sasrec_equals_per_sequence_causal():
-    seed_everything(0)
+    set_seed(0)
     model = SASRec(
         NUM_ITEMS, SASRecConfig(hidden=24, num_heads=2, num_blocks=2, dropout=0.2, max_len=20)
     ).eval()
@@ -61,7 +62,7 @@ def test_packed_sasrec_equals_per_sequence_causal():
 
 
 def test_packed_gru4rec_equals_per_sequence_gru():
-    seed_everything(0)
+    set_seed(0)
     model = GRU4Rec(NUM_ITEMS, GRU4RecConfig(embedding=16, hidden=20, num_layers=2)).eval()
     seqs, items, cu = _packed_batch(1)
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_sequence_models_beat_popularity(topical):
         "gru4rec": lambda: GRU4Rec(topical.num_items, GRU4RecConfig(embedding=32, hidden=64, dropout=0.1)),
     }
     for name, make in models.items():
-        seed_everything(0)
+        set_seed(0)
         model = make()
         result = fit(model, topical, config, max_len=50, progress=False)
         assert result.best_epoch >= 1, name  # training improved on the untrained model
@@ -159,7 +160,7 @@ def test_fit_is_reproducible(topical):
     config = TrainConfig(epochs=1, batch_size=128, seed=3)
     losses = []
     for _ in range(2):
-        seed_everything(3)
+        set_seed(3)
         model = GRU4Rec(topical.num_items, GRU4RecConfig(embedding=8, hidden=8))
         losses.append(fit(model, topical, config, max_len=20, progress=False).history[0])
     assert losses[0] == losses[1]
@@ -234,7 +235,7 @@ def test_cli_rejects_bad_max_items(tmp_path, capsys):
 
 def test_models_give_distinct_scores_after_one_step():
     # guards the loss wiring: one optimiser step on a batch must change the logits
-    seed_everything(0)
+    set_seed(0)
     model = SASRec(NUM_ITEMS, SASRecConfig(hidden=8, max_len=20))
     _, items, cu = _packed_batch()
     before = model.eval().logits(model(items, cu, max(LENGTHS))).detach()

@@ -7,7 +7,7 @@ so their numbers sit in the same table.
 from patchrec.baselines.gru4rec import GRU4Rec, GRU4RecConfig
 from patchrec.baselines.popularity import Popularity
 from patchrec.baselines.sasrec import SASRec, SASRecConfig
-from patchrec.baselines.train import TrainConfig, TrainResult, evaluate, fit, seed_everything
+from patchrec.baselines.train import TrainConfig, TrainResult, evaluate, fit
 
 __all__ = [
     "GRU4Rec",
@@ -19,5 +19,4 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "fit",
-    "seed_everything",
 ]

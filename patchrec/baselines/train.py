@@ -17,7 +17,6 @@ evaluations without improvement or at ``epochs``.
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,12 +54,6 @@ class SequenceModel(Protocol):
     def __call__(self, items: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor: ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def cu_seqlens_of(lengths: np.ndarray) -> torch.Tensor:
