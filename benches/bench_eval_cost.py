@@ -23,7 +23,6 @@ TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-100K release, Llama-3 tokenizer) not available", allow_module_level=True)
 
-from patchrec.data.dataset import Samples  # noqa: E402
 from patchrec.model import PackedLlama  # noqa: E402
 from patchrec.plan import make_planner  # noqa: E402
 
@@ -48,9 +47,7 @@ def setup():
     test = make_samples(dataset, "test", max_items=LENGTH)
     _, first = np.unique(test.user, return_index=True)
     pick = np.sort(first)[:USERS]
-    samples = Samples(
-        dataset, "test", LENGTH, test.user[pick], test.hist_start[pick], test.target_index[pick]
-    )
+    samples = test.select(pick)
     model = PackedLlama.from_preset(PRESET, tokens.vocab_size, seed=0).to(DEVICE, DTYPE).eval()
     return evaluate, tokens, samples, model
 

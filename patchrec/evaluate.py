@@ -52,10 +52,7 @@ def limit_samples(samples: Samples, limit: int | None) -> Samples:
         return samples
     if limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    return Samples(
-        samples.dataset, samples.split, samples.max_items, samples.user[:limit], samples.hist_start[:limit],
-        samples.target_index[:limit],
-    )  # fmt: skip
+    return samples.select(slice(0, limit))
 
 
 def _model_device(model) -> torch.device:

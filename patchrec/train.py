@@ -136,17 +136,11 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
     return trained
 
 
-def subset(samples: Samples, index: np.ndarray) -> Samples:
-    """The samples ``index`` of ``samples`` (a view on the same dataset)."""
-    return Samples(samples.dataset, samples.split, samples.max_items, samples.user[index],
-                   samples.hist_start[index], samples.target_index[index])
-
-
 def random_subset(samples: Samples, size: int, seed: int) -> Samples:
     if size <= 0 or size >= len(samples):
         return samples
     index = np.sort(np.random.default_rng(seed).choice(len(samples), size, replace=False))
-    return subset(samples, index)
+    return samples.select(index)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

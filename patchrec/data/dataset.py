@@ -104,6 +104,13 @@ class Samples:
             self._lengths = self.target_index - self.hist_start
         return self._lengths
 
+    def select(self, index: np.ndarray | slice) -> Samples:
+        """The samples ``index`` (indices or a slice), as a view on the same dataset."""
+        return Samples(
+            self.dataset, self.split, self.max_items, self.user[index], self.hist_start[index],
+            self.target_index[index],
+        )  # fmt: skip
+
     def history(self, i: int) -> np.ndarray:
         return self.dataset.items[self.hist_start[i] : self.target_index[i]]
 
