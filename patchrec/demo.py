@@ -35,6 +35,7 @@ class DemoConfig:
     tokenizer_vocab: int = 2000  # title BPE: large enough that every title word is one token (fewer rows)
     train_samples: int = 8000  # seeded training subset, the same for every model
     lr: float = 3e-3  # tiny model from random init
+    batch_size: int = 32  # samples per optimizer step, every model
     max_rows: int = 4096  # token budget per micro-batch
     test_samples: int = 300  # seeded test subset for the ranking
     seed: int = 0
@@ -42,7 +43,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(users=60, items=40, mean_length=14.0, topics=4, max_items=10, k=3, tokenizer_vocab=300,
-                   train_samples=120, max_rows=2048, test_samples=20)
+                   train_samples=120, batch_size=8, max_rows=2048, test_samples=20)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _stage(demo: DemoConfig, stage: str, out: Path, init: str, epochs: int, prog
         synthetic_seed=demo.seed,
         tokenizer=str(out.parent / "tokenizer"), max_items=demo.max_items, train_samples=demo.train_samples,
         out=str(out), lr=demo.lr, weight_decay=0.01, warmup_ratio=0.05, grad_clip=1.0, epochs=epochs,
-        max_rows=demo.max_rows, seed=demo.seed, log_every=5, progress=progress,
+        batch_size=demo.batch_size, max_rows=demo.max_rows, seed=demo.seed, log_every=5, progress=progress,
     )  # fmt: skip
     return train(config)
 

@@ -12,6 +12,7 @@ The layers are transformers' own ``LlamaForCausalLM``, so a Hugging Face Llama c
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
+from patchrec.backbone import load_causal_lm
 from patchrec.pack import PackedBatch
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.varlen_attention import varlen_attention
@@ -121,21 +123,23 @@ class PackedLlama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, vocab_size: int | None = None, dtype=None) -> PackedLlama:
-        """Load a Hugging Face Llama checkpoint directory; grow the embedding table to ``vocab_size``
-        (the tokenizer's length once the history markers are added) when it is larger."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory")
-        lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
+        """Load a Hugging Face Llama directory or a ``.gguf`` file (``patchrec.backbone``); grow the embedding
+        table to ``vocab_size`` (the tokenizer's length once the history markers are added) when it is larger.
+        ``dtype`` None keeps the checkpoint's dtype (fp32 for GGUF)."""
+        lm = load_causal_lm(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
         if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
             # New marker rows start at the mean of the existing rows (transformers' default), so the
             # markers begin as an "average token" rather than random noise.
             lm.resize_token_embeddings(vocab_size)
         return cls(lm)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` + safetensors, loadable by ``from_pretrained`` and by transformers."""
-        self.lm.save_pretrained(Path(path))
+    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` + safetensors, loadable by ``from_pretrained`` and by transformers; ``dtype``
+        writes a cast copy (config included) and leaves the model's own weights as they are."""
+        lm = self.lm
+        if dtype is not None and any(p.dtype != dtype for p in lm.parameters()):
+            lm = copy.deepcopy(lm).to(dtype)
+        lm.save_pretrained(Path(path))
 
     @property
     def config(self) -> LlamaConfig:

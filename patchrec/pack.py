@@ -297,9 +297,10 @@ def _batch_slots(
     shuffle: bool,
     seed: int,
     order: np.ndarray | None,
+    progress: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The planned slots of each token-budget batch of one epoch (see ``iter_batches``), before any token
-    is gathered: ``iter_batches`` builds them, ``count_batches`` only counts them."""
+    """The planned slots of each token-budget batch of one pass (see ``iter_batches``), before any token
+    is gathered."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     order_rng, plan_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -311,13 +312,18 @@ def _batch_slots(
         order = np.asarray(order, dtype=np.int64)
         if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= len(samples))):
             raise ValueError(f"order must be 1-D sample indices in [0, {len(samples)})")
+    if progress is not None and not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
     views = planner.views
     pending = None
     total = max(len(order), 1)
     for lo in range(0, len(order), PLAN_CHUNK):
         ids = order[lo : lo + PLAN_CHUNK]
-        progress = (lo + np.arange(len(ids))) / total
-        s = _concat(pending, packer.plan_slots(samples, ids, planner, plan_rng, progress))
+        if progress is None:
+            where = (lo + np.arange(len(ids))) / total
+        else:
+            where = np.full(len(ids), progress)
+        s = _concat(pending, packer.plan_slots(samples, ids, planner, plan_rng, where))
         sample_rows = s["rows"].reshape(-1, views).sum(axis=1)
         if sample_rows.max(initial=0) > max_rows:
             bad = int(np.flatnonzero(sample_rows > max_rows)[0])
@@ -347,6 +353,7 @@ def iter_batches(
     seed: int = 0,
     order: np.ndarray | None = None,
     answer: bool = True,
+    progress: float | None = None,
 ) -> Iterator[PackedBatch]:
     """Token-budget batches over ``samples`` (one epoch): consecutive samples of the order, as many as fit in
     ``max_rows`` rows (all views of a sample count together and stay in one batch).
@@ -354,25 +361,13 @@ def iter_batches(
     ``order``: explicit sample indices to visit (e.g. a shard); otherwise ``arange`` or, with ``shuffle``, a
     permutation from ``seed``. Random plans draw from a generator seeded by ``seed`` too, so an epoch is
     reproducible. A sample that alone exceeds ``max_rows`` raises ValueError (never cut).
+
+    ``progress``: the curriculum ``p`` of every sample of this call (training passes optimizer step / total
+    steps); None = each sample's position in this pass over ``order``.
     """
     packer = Packer(tokens, answer)
-    for slots in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order):
+    for slots in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order, progress):
         yield packer.build(slots)
-
-
-def count_batches(
-    samples: Samples,
-    planner: Planner,
-    tokens: TokenizedDataset,
-    max_rows: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    order: np.ndarray | None = None,
-    answer: bool = True,
-) -> int:
-    """How many batches ``iter_batches`` with the same arguments yields, planning only (no token gather)."""
-    packer = Packer(tokens, answer)
-    return sum(1 for _ in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order))
 
 
 def history_token_counts(
@@ -391,4 +386,4 @@ def history_token_counts(
     return before, after
 
 
-__all__ = ["PackedBatch", "Packer", "count_batches", "history_token_counts", "iter_batches", "pack_batch"]
+__all__ = ["PackedBatch", "Packer", "history_token_counts", "iter_batches", "pack_batch"]

@@ -146,8 +146,11 @@ def stack_plans(plans: list[Plan], width: int | None = None) -> BatchPlan:
 class Planner:
     """A named plan with its parameters; ``plan``/``plan_batch`` give one entry per view.
 
-    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum of METHOD.md §3: ``p`` = the sample's
-    position in the epoch order / epoch size (the packer passes it as ``progress``), i.e. step / total steps.
+    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum of METHOD.md §3: ``p`` = optimizer step /
+    total steps of the run (training passes it to the packer as ``progress``).
+
+    ``pretrain`` and ``dropout`` give two views per sample: the all-text history first, then the compressed
+    (pretrain) or thinned (dropout) one, so the model sees both forms of the same items side by side.
     """
 
     name: str  # one of PLANS
@@ -167,7 +170,7 @@ class Planner:
 
     @property
     def views(self) -> int:
-        return 2 if self.name == "pretrain" else 1
+        return 2 if self.is_random else 1
 
     @property
     def is_random(self) -> bool:
@@ -185,7 +188,7 @@ class Planner:
         p = progress if self.p is None else self.p
         if self.name == "pretrain":
             return pretrain_plans(n, p, rng)
-        return (dropout_plan(n, p, rng),)
+        return vanilla_plan(n), dropout_plan(n, p, rng)
 
     def plan_batch(
         self,
@@ -214,8 +217,6 @@ class Planner:
         kind = ITEM if self.name == "pretrain" else DROP
         kinds = np.where(valid, np.where(chosen, kind, TEXT), PAD).astype(np.int8)
         compressed = BatchPlan(kinds, _groups_of(kinds))
-        if self.name == "dropout":
-            return (compressed,)
         text_kinds = np.where(valid, TEXT, PAD).astype(np.int8)
         return BatchPlan(text_kinds, _groups_of(text_kinds)), compressed
 
@@ -237,6 +238,12 @@ def _table(name: str, k: int, g: int, width: int) -> tuple[np.ndarray, np.ndarra
 
 
 PLANS = ("vanilla", "pft-i", "pft-s", "pretrain", "dropout")
+
+
+def evaluation_plan(stage: str, val_plan: str | None = None) -> str:
+    """The plan a model trained in ``stage`` is validated and evaluated with: ``val_plan`` when set, else the
+    stage itself when it has one view, else pft-i (pre-training / dropout trained both forms)."""
+    return val_plan or (stage if stage in ("vanilla", "pft-i", "pft-s") else "pft-i")
 
 
 def make_planner(name: str, k: int = 5, g: int = 5, p: float | None = None) -> Planner:

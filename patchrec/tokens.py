@@ -17,6 +17,7 @@ is what the packer concatenates.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ ITEM_SEP = "<|item_sep|>"
 END_SEQ = "<|end_seq|>"
 HISTORY_MARKERS = (START_SEQ, ITEM_SEP, END_SEQ)
 PLAIN_TEMPLATE = "{bos}System: {system}\nUser: {user}\nAssistant: "
+# Chat templates that print today's date (Llama-3.x: "Today Date: ...") would give a different prompt, and so
+# different token counts and scores, on every day: they are rendered as if it were always this day.
+PROMPT_DATE = datetime.date(2024, 7, 26)
 # Stand-in answer used to find what the chat template writes after an assistant turn (its end-of-turn token).
 _ANSWER_PROBE = "PATCHREC_ANSWER_PROBE"
 
@@ -48,13 +52,11 @@ def add_history_markers(tokenizer) -> int:
 
 
 def load_tokenizer(path: str | Path):
-    """Any Hugging Face tokenizer from a local directory (offline), with the history markers added."""
-    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is actually needed
+    """Any Hugging Face tokenizer from a local directory or a ``.gguf`` file (offline), with the history
+    markers added."""
+    from patchrec.backbone import load_hf_tokenizer  # heavy import: only when a tokenizer is needed
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_hf_tokenizer(path)
     add_history_markers(tokenizer)
     return tokenizer
 
@@ -90,13 +92,35 @@ def tokenize_titles(tokenizer, titles: Sequence[str]) -> TitleTable:
     return TitleTable(offsets, tokens.astype(np.int32))
 
 
+class _FixedClock(datetime.datetime):
+    """``datetime`` whose ``now()`` is ``PROMPT_DATE`` (what transformers' ``strftime_now`` reads)."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(PROMPT_DATE.year, PROMPT_DATE.month, PROMPT_DATE.day, tzinfo=tz)
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
+    """``tokenizer.apply_chat_template`` as text, rendered on ``PROMPT_DATE``: ``date_string`` is what
+    Llama-3.x templates print, and the clock behind transformers' ``strftime_now`` template function is
+    replaced for the call (render variables cannot shadow it: transformers turns them into plain data)."""
+    from unittest import mock
+
+    from transformers.utils import chat_template_utils
+
+    with mock.patch.object(chat_template_utils, "datetime", _FixedClock):
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, date_string=PROMPT_DATE.strftime("%d %b %Y"), **kwargs
+        )
+
+
 def render_prompt_text(tokenizer, system_prompt: str, user_prompt: str) -> str:
     """The full prompt text (up to where the answer starts), still holding ``[HISTORY_SEQUENCE]`` once."""
     if user_prompt.count(HISTORY_PLACEHOLDER) != 1:
         raise ValueError(f"user_prompt must contain {HISTORY_PLACEHOLDER} exactly once")
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
     else:
         text = PLAIN_TEMPLATE.format(bos=tokenizer.bos_token or "", system=system_prompt, user=user_prompt)
     if text.count(HISTORY_PLACEHOLDER) != 1:
@@ -115,7 +139,7 @@ def end_of_turn_token(tokenizer) -> str:
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _ANSWER_PROBE}]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            text = apply_chat_template(tokenizer, messages)
         except Exception:  # templates that refuse this conversation shape: fall back to eos
             text = ""
         if _ANSWER_PROBE in text:

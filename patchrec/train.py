@@ -1,8 +1,15 @@
 """One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (METHOD.md §3).
 
 Stages are plans (``pretrain``, ``pft-i``, ``pft-s``, ``vanilla``, ``dropout``); each starts from a model
-preset (random init), a Hugging Face model directory, or a previous stage's output (``<run>/model``) or
-checkpoint.
+preset (random init), a Hugging Face model directory, a ``.gguf`` file, or a previous stage's output
+(``<run>/model``) or checkpoint.
+
+Batches and precision. Optimizer step ``s`` takes the samples ``s * batch_size ...`` of the epoch's seeded
+permutation (``batch_size`` samples for every plan; the last step of an epoch may hold fewer), packs them into
+micro-batches of at most ``max_rows`` rows and accumulates their gradients; the loss is the mean over all
+answer tokens of the step. The curriculum ``p`` of pre-training / dropout is ``s / total_steps``. Weights and
+AdamW state are fp32 whatever the checkpoint's dtype (bf16 autocast on CUDA); the final model is written in
+``save_dtype`` (fp32 by default), checkpoints always in fp32.
 
 Output directory::
 
@@ -13,10 +20,9 @@ Output directory::
     checkpoints/latest        name of the newest complete checkpoint
     model/                    final model + tokenizer (PackedLlama.from_pretrained, load_tokenizer)
 
-Exact resume. The data order of an epoch is a pure function of (seed, epoch) (``iter_batches`` shuffles
-and draws random plans from its seed), so a checkpoint stores the position as (epoch, micro-batches
-consumed) and a resumed run rebuilds the epoch's iterator and skips that many batches. With the optimizer,
-scheduler and RNG states restored, the resumed run repeats the uninterrupted run's losses.
+Exact resume. The samples of step ``s`` and their random plans are a pure function of (seed, s), so a
+checkpoint stores the step only; with the optimizer, scheduler and RNG states restored, the resumed run
+repeats the uninterrupted run's losses.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +44,22 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+from patchrec.backbone import has_tokenizer, is_gguf
 from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
 from patchrec.data.synthetic import SyntheticConfig
 from patchrec.model import PRESETS as MODEL_PRESETS
 from patchrec.model import PackedLlama
-from patchrec.pack import count_batches, iter_batches
-from patchrec.plan import Planner, make_planner
+from patchrec.pack import PackedBatch, iter_batches
+from patchrec.plan import Planner, evaluation_plan, make_planner
 from patchrec.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
 from patchrec.train_config import TrainConfig
 
 STATE_FILE = "trainer_state.pt"
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = {"halt_after", "progress", "val_every", "val_samples", "log_every", "save_every",
-                      "keep_checkpoints", "device", "out", "tokenizer"}
+                      "keep_checkpoints", "device", "out", "tokenizer", "max_rows", "save_dtype"}
 
 
 @dataclass
@@ -66,6 +74,7 @@ class TrainResult:
     tokens_per_s: float = 0.0  # title/prompt tokens gathered per second (rows before patch averaging)
     samples_per_s: float = 0.0  # training sequences (views) per second
     seconds: float = 0.0  # training time of this call (steps incl. packing; no validation or saving)
+    samples_trained: int = 0  # training samples of this call's steps (a two-view sample counts once)
 
     @property
     def final_loss(self) -> float:
@@ -91,13 +100,17 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
 
 def resolve_model_dir(init: str) -> Path | None:
-    """``init`` -> model directory, or None for a model preset (random init).
+    """``init`` -> model directory or ``.gguf`` file, or None for a model preset (random init).
 
-    Accepts a model / checkpoint directory (``config.json``) or a run directory (its ``model/``, else its
-    newest checkpoint), so a stage can start from the previous stage's ``--out``."""
+    Accepts a ``.gguf`` file, a model / checkpoint directory (``config.json``) or a run directory (its
+    ``model/``, else its newest checkpoint), so a stage can start from the previous stage's ``--out``."""
     if init in MODEL_PRESETS:
         return None
     path = Path(init)
+    if is_gguf(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"init {init!r}: no such GGUF file")
+        return path
     if (path / "config.json").is_file():
         return path
     if (path / "model" / "config.json").is_file():
@@ -106,13 +119,9 @@ def resolve_model_dir(init: str) -> Path | None:
     if latest is not None:
         return latest
     raise FileNotFoundError(
-        f"init {init!r} is neither a model preset {sorted(MODEL_PRESETS)} nor a directory with config.json, "
-        "model/config.json or checkpoints/"
+        f"init {init!r} is neither a model preset {sorted(MODEL_PRESETS)}, a .gguf file, nor a directory "
+        "with config.json, model/config.json or checkpoints/"
     )
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | None, out: Path) -> Path:
@@ -120,15 +129,15 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
     the catalog titles and saved in ``out/tokenizer``."""
     if config.tokenizer is not None:
         path = Path(config.tokenizer)
-        if not path.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        if not (path.is_dir() or (is_gguf(path) and path.is_file())):
+            raise FileNotFoundError(f"tokenizer {path}: no such directory or .gguf file")
         return path
     if model_dir is not None:
-        if _has_tokenizer(model_dir):
+        if has_tokenizer(model_dir):
             return model_dir
         raise ValueError(f"init {model_dir} has no tokenizer files: pass --tokenizer")
     trained = out / "tokenizer"
-    if not _has_tokenizer(trained):
+    if not has_tokenizer(trained):
         from patchrec.tokenizer_train import train_title_tokenizer
 
         prompt = [dataset.system_prompt, dataset.user_prompt]
@@ -179,13 +188,14 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model_dir(
-    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None
-) -> None:
-    """Model + tokenizer (and whatever ``extra`` writes into the directory), written to a temporary
-    directory first and then renamed to ``path``."""
+    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """Model (its tensors cast to ``dtype`` when given) + tokenizer (and whatever ``extra`` writes into the
+    directory), written to a temporary directory first and then renamed to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, dtype=dtype)
     tokenizer.save_pretrained(str(tmp))
     if extra is not None:
         extra(tmp)
@@ -260,8 +270,7 @@ def validate(model: PackedLlama, tokens: TokenizedDataset, samples: Samples, pla
 
 
 def val_planner(config: TrainConfig) -> Planner:
-    name = config.val_plan or (config.stage if config.stage in ("vanilla", "pft-i", "pft-s") else "pft-i")
-    return make_planner(name, k=config.k, g=config.g)
+    return make_planner(evaluation_plan(config.stage, config.val_plan), k=config.k, g=config.g)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -287,6 +296,44 @@ def _trim_log(path: Path, step: int) -> None:
         return
     lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
     _write_atomic_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)
+
+
+def total_steps_of(config: TrainConfig, num_samples: int) -> int:
+    """Optimizer steps the schedule (and the curriculum) is laid out over."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return config.epochs * steps_per_epoch(num_samples, config.batch_size)
+
+
+def step_micro_batches(
+    config: TrainConfig, samples: Samples, planner: Planner, tokens: TokenizedDataset, step: int, total: int
+) -> list[PackedBatch]:
+    """The micro-batches of optimizer step ``step`` (0-based): ``batch_size`` samples of the epoch's seeded
+    permutation, their random plans seeded by (seed, step) and drawn with curriculum ``p = step / total``."""
+    per_epoch = steps_per_epoch(len(samples), config.batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = _epoch_order(len(samples), epoch_seed(config.seed, epoch))
+    ids = order[within * config.batch_size : (within + 1) * config.batch_size]
+    return list(iter_batches(samples, planner, tokens, config.max_rows, order=ids,
+                             seed=epoch_seed(config.seed, epoch) * 1_000_003 + within,
+                             progress=step / total))  # fmt: skip
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(num_samples: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(num_samples)
+
+
+def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | None, vocab_size: int):
+    """fp32 master weights whatever the checkpoint's dtype (a bf16 checkpoint trained in bf16 would round
+    away most updates at fine-tuning learning rates)."""
+    if checkpoint is not None or init_dir is not None:
+        return PackedLlama.from_pretrained(checkpoint or init_dir, vocab_size=vocab_size, dtype=torch.float32)
+    return PackedLlama.from_preset(config.init, vocab_size, seed=config.seed).float()
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -320,30 +367,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     if len(train_samples) == 0:
         raise ValueError(f"data {config.data!r} has no training samples")
     planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p)
-
-    if checkpoint is not None:
-        model = PackedLlama.from_pretrained(checkpoint, vocab_size=tokens.vocab_size)
-    elif init_dir is not None:
-        model = PackedLlama.from_pretrained(init_dir, vocab_size=tokens.vocab_size)
-    else:
-        model = PackedLlama.from_preset(config.init, tokens.vocab_size, seed=config.seed)
+    model = _load_model(config, init_dir, checkpoint, tokens.vocab_size)
     model.to(device).train()
-
-    batches_per_epoch: list[int] = []  # filled lazily: counting plans every sample once per epoch
-
-    def epoch_batches(epoch: int) -> int:
-        while len(batches_per_epoch) <= epoch:
-            e = len(batches_per_epoch)
-            batches_per_epoch.append(
-                count_batches(train_samples, planner, tokens, config.max_rows, shuffle=True,
-                              seed=epoch_seed(config.seed, e))
-            )
-        return batches_per_epoch[epoch]
-
-    if config.max_steps > 0:
-        total_steps = config.max_steps
-    else:
-        total_steps = sum(math.ceil(epoch_batches(e) / config.grad_accum) for e in range(config.epochs))
+    total_steps = total_steps_of(config, len(train_samples))
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: decaying them hurts
@@ -355,13 +381,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    position = {"step": 0}
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
-        position = dict(state["position"])
+        position = {"step": int(state["position"]["step"])}
         _trim_log(out / "log.jsonl", position["step"])
 
     val_samples = None
@@ -375,86 +401,72 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     bar = tqdm(total=total_steps, initial=position["step"], desc=f"train {config.stage}",
                disable=not config.progress, dynamic_ncols=True)
-    rows_done = tokens_done = seqs_done = 0
+    rows_done = tokens_done = seqs_done = samples_done = 0
     train_seconds = 0.0
     halted = False
-    while position["step"] < total_steps and not halted:
-        epoch = position["epoch"]
-        if config.max_steps == 0 and epoch >= config.epochs:
-            break
-        batches = iter_batches(train_samples, planner, tokens, config.max_rows, shuffle=True,
-                               seed=epoch_seed(config.seed, epoch))
-        # Fast-forward to the checkpoint's position: same seed, same batches.
-        batches = islice(batches, position["batch"], None)
-        while position["step"] < total_steps:
-            step_start = time.perf_counter()  # packing included: it is part of the training cost
-            micro = list(islice(batches, config.grad_accum))
-            if not micro:
-                break
-            # Weight every answer token of the step equally: sum over micro-batches / all answer tokens of
-            # the step, so accumulation gives the gradient of one batch of all of them.
-            n_labels = sum(int(b.label_ids.numel()) for b in micro)
-            loss_sum = 0.0
-            for batch in micro:
-                batch = batch.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out_b = model(batch)
-                loss = out_b.label_loss.sum() / n_labels
-                loss.backward()
-                loss_sum += float(loss.detach())
-            clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position["step"] += 1
-            position["batch"] += len(micro)
-            step = position["step"]
-            result.step_losses[step] = loss_sum
+    while position["step"] < total_steps:
+        step_start = time.perf_counter()  # packing included: it is part of the training cost
+        micro = step_micro_batches(config, train_samples, planner, tokens, position["step"], total_steps)
+        # Weight every answer token of the step equally: sum over micro-batches / all answer tokens of the
+        # step, so accumulation gives the gradient of one batch of all of them.
+        n_labels = sum(int(b.label_ids.numel()) for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out_b = model(batch)
+            loss = out_b.label_loss.sum() / n_labels
+            loss.backward()
+            loss_sum += float(loss.detach())
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        position["step"] += 1
+        step = position["step"]
+        result.step_losses[step] = loss_sum
 
-            rows = sum(b.num_rows for b in micro)
-            toks = sum(int(b.token_ids.numel()) for b in micro)
-            seqs = sum(b.num_sequences for b in micro)
-            rows_done, tokens_done, seqs_done = rows_done + rows, tokens_done + toks, seqs_done + seqs
-            step_s = max(time.perf_counter() - step_start, 1e-9)
-            # Rates count training time only: validation and checkpoint writes are left out.
-            train_seconds += step_s
-            elapsed = train_seconds
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", rows_s=f"{rows / step_s:.0f}")
-            if step % max(config.log_every, 1) == 0 or step == total_steps:
-                _log(log_path, {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr,
-                                "grad_norm": grad_norm, "rows": rows, "sequences": seqs,
-                                "rows_per_s": rows_done / elapsed, "tokens_per_s": tokens_done / elapsed,
-                                "train_s": elapsed})
-            if val_samples is not None and step % config.val_every == 0:
-                metrics = validate(model, tokens, val_samples, val_planner(config))
-                if metrics is not None:
-                    entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
-                    result.val_metrics.append(entry)
-                    _log(log_path, entry)
-                    bar.write(f"step {step} validation: " + "  ".join(
-                        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
-            if config.halt_after and step >= config.halt_after and step < total_steps:
-                halted = True
-            if (config.save_every and step % config.save_every == 0) or halted:
-                save_checkpoint(out, model, tokenizer, optimizer, scheduler, position,
-                                config.keep_checkpoints)
-            if halted:
-                break
-        if halted or position["step"] >= total_steps:
+        rows = sum(b.num_rows for b in micro)
+        toks = sum(int(b.token_ids.numel()) for b in micro)
+        seqs = sum(b.num_sequences for b in micro)
+        step_samples = seqs // planner.views
+        rows_done, tokens_done, seqs_done = rows_done + rows, tokens_done + toks, seqs_done + seqs
+        samples_done += step_samples
+        step_s = max(time.perf_counter() - step_start, 1e-9)
+        # Rates count training time only: validation and checkpoint writes are left out.
+        train_seconds += step_s
+        elapsed = train_seconds
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", rows_s=f"{rows / step_s:.0f}")
+        if step % max(config.log_every, 1) == 0 or step == total_steps:
+            _log(log_path, {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                            "samples": step_samples, "micro_batches": len(micro), "rows": rows,
+                            "sequences": seqs, "rows_per_s": rows_done / elapsed,
+                            "tokens_per_s": tokens_done / elapsed, "train_s": elapsed})  # fmt: skip
+        if val_samples is not None and step % config.val_every == 0:
+            metrics = validate(model, tokens, val_samples, val_planner(config))
+            if metrics is not None:
+                entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
+                result.val_metrics.append(entry)
+                _log(log_path, entry)
+                bar.write(f"step {step} validation: " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
+        halted = bool(config.halt_after) and config.halt_after <= step < total_steps
+        if (config.save_every and step % config.save_every == 0) or halted:
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, position, config.keep_checkpoints)
+        if halted:
             break
-        position["epoch"] += 1
-        position["batch"] = 0
     bar.close()
     result.seconds = train_seconds
     result.step = position["step"]
+    result.samples_trained = samples_done
     if train_seconds > 0:
         result.rows_per_s = rows_done / train_seconds
         result.tokens_per_s = tokens_done / train_seconds
         result.samples_per_s = seqs_done / train_seconds
     if not halted:
         result.model_dir = out / "model"
-        save_model_dir(result.model_dir, model, tokenizer)
+        save_model_dir(result.model_dir, model, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
     return result

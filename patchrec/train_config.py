@@ -2,8 +2,11 @@
 
 The released settings (METHOD.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
 warmup ratio 0.05, gradient clipping at 0.3, bf16, global batch 64 (MovieLens) / 32 (Goodreads) samples.
-Here a batch is a token budget (``max_rows`` rows per micro-batch) times ``grad_accum`` micro-batches, so
-the presets pick a budget that holds roughly the released number of samples per optimizer step.
+An optimizer step is ``batch_size`` samples, the same for every plan (a pre-training or dropout sample brings
+its two views); they are packed into token-budget micro-batches of at most ``max_rows`` rows whose gradients
+are accumulated, so ``max_rows`` only trades memory for speed and never changes what is computed.
+Parameters and optimizer state are fp32 (master weights) whatever the checkpoint's dtype; ``dtype`` only
+sets the compute (bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout")
 DTYPES = ("auto", "bf16", "fp32")
+SAVE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -25,7 +29,7 @@ class TrainConfig:
     k: int = 5  # pft-i: newest items kept as text (paper: 5)
     g: int = 5  # pft-s: session size (paper: 5 for ML-1M / Goodreads, 20 for ML-100K)
     p: float | None = None  # pretrain / dropout probability; None = the linear curriculum 0 -> 1
-    init: str = "tiny"  # model preset name (random init) or a model / checkpoint / run directory
+    init: str = "tiny"  # model preset (random init), HF model / checkpoint / run directory, or a .gguf file
     # ---- data --------------------------------------------------------------------------------------------
     data: str = "synthetic"  # release directory, or "synthetic" (patchrec.data.synthetic)
     synthetic_users: int = 1000  # --data synthetic: users
@@ -35,7 +39,7 @@ class TrainConfig:
     synthetic_interests: int = 3  # --data synthetic: long-lived topics per user
     synthetic_long_term_share: float = 0.6  # --data synthetic: share of items from the long-lived topics
     synthetic_seed: int = 0  # --data synthetic: generator seed (independent of the training seed)
-    tokenizer: str | None = None  # HF tokenizer dir; None: the init dir's, or a BPE trained on the titles
+    tokenizer: str | None = None  # HF tokenizer dir / .gguf; None: the init's, or a BPE trained on the titles
     tokenizer_vocab: int = 1000  # vocabulary of the BPE trained on the titles when no tokenizer is given
     max_items: int = 100  # history length L (METHOD.md §4)
     train_samples: int = 0  # use a seeded random subset of this many training samples (0 = all)
@@ -47,8 +51,8 @@ class TrainConfig:
     grad_clip: float = 0.3  # max global gradient norm (0 = no clipping)
     epochs: int = 1  # passes over the training samples (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs (the schedule is laid out over these)
+    batch_size: int = 64  # samples per optimizer step (METHOD.md §3: 64 MovieLens, 32 Goodreads)
     max_rows: int = 8192  # token budget: packed rows per micro-batch (a sample never straddles two)
-    grad_accum: int = 1  # micro-batches per optimizer step; the loss is weighted by answer tokens
     seed: int = 0  # weights (preset init), data order, random plans
     # ---- validation, logging, checkpoints ----------------------------------------------------------------
     val_every: int = 0  # steps between validations (0 = never; also skipped if patchrec.evaluate is absent)
@@ -61,6 +65,7 @@ class TrainConfig:
     # ---- hardware ----------------------------------------------------------------------------------------
     dtype: str = "auto"  # autocast: auto = bf16 on CUDA and fp32 on CPU; bf16 (CUDA only); fp32
     device: str = "auto"  # auto = cuda when available, else cpu
+    save_dtype: str = "fp32"  # dtype of the final saved model (checkpoints stay fp32 for exact resume)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -73,9 +78,11 @@ class TrainConfig:
             raise ValueError(f"val_plan must be vanilla, pft-i or pft-s, got {self.val_plan!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
-        positive = ("lr", "max_rows", "grad_accum", "max_items", "keep_checkpoints")
+        positive = ("lr", "batch_size", "max_rows", "max_items", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -114,22 +121,21 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Released settings (METHOD.md §3). max_rows x grad_accum is sized for ~64 (MovieLens) / ~32 (Goodreads)
-# samples of up to L = 100 items as text (~1.2k rows each with the Llama-3 tokenizer) per optimizer step.
+# Released settings (METHOD.md §3): the global batch in samples; max_rows is only the micro-batch budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "ml-100k": dict(lr=1e-5, g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
-                    max_rows=16384, grad_accum=4),
+                    batch_size=64, max_rows=16384),
     # The release lowers the learning rate for ML-100K PFT-S.
     "ml-100k-pft-s": dict(lr=3e-6, stage="pft-s", g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3,
-                          epochs=1, max_rows=16384, grad_accum=4),
+                          epochs=1, batch_size=64, max_rows=16384),
     "ml-1m": dict(lr=8e-6, g=5, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
-                  max_rows=16384, grad_accum=4),
+                  batch_size=64, max_rows=16384),
     "goodreads": dict(lr=5e-5, g=5, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
-                      max_rows=16384, grad_accum=2),
+                      batch_size=32, max_rows=16384),
     # CPU, random init (model preset "tiny"): a high learning rate because nothing is pre-trained, looser
     # clipping because early gradients of a random model are large, a small token budget for 2 cores.
     "tiny": dict(init="tiny", lr=2e-3, weight_decay=0.01, warmup_ratio=0.05, grad_clip=1.0, epochs=1,
-                 max_rows=4096, grad_accum=1, log_every=5),
+                 batch_size=32, max_rows=4096, log_every=5),
 }
 
 

@@ -83,7 +83,7 @@ def test_random_plans_match_reference(setup, name):
     views = tuple(stack_plans([p[v] for p in per_sample], MAX_ITEMS) for v in range(planner.views))
     batch = pack_batch(samples, ids, views, td)
     assert batch.num_sequences == planner.views * len(ids)
-    if name == "pretrain":  # both views of a sample side by side
+    if planner.views == 2:  # both views of a sample side by side (pretrain and dropout)
         assert batch.sample_ids.tolist() == np.repeat(ids, 2).tolist()
         assert batch.view_ids.tolist() == [0, 1] * len(ids)
     check_batch(batch, tok, samples, weight, lambda sid, view: per_sample[sid][view])
@@ -98,7 +98,7 @@ def test_iter_batches_random_extremes(setup, name, p, same_as):
     other = make_planner(same_as[0], k=same_as[1])
     for batch in iter_batches(samples, make_planner(name, p=p), td, max_rows=500, seed=3):
         check_batch(batch, tok, samples, weight,
-                    lambda sid, view: (make_planner("vanilla") if view == 0 and name == "pretrain" else other)
+                    lambda sid, view: (make_planner("vanilla") if view == 0 else other)
                     .plan(len(samples.history(sid)))[0])
 
 
@@ -107,8 +107,11 @@ def test_dropout_all_items_leaves_markers_only(setup):
     (batch,) = list(iter_batches(samples, make_planner("dropout", p=1.0), td, max_rows=10**6))
     prompt = len(td.prompt.prefix) + len(td.prompt.suffix) + 2
     answers = td.titles.lengths[samples.targets()]
-    assert torch.equal(batch.cu_seqlens.diff(), torch.from_numpy(prompt + answers).int())
-    assert int(batch.hist_tokens_after.sum()) == 0
+    # Two views per sample: all text first, then every item deleted (only the markers stay).
+    dropped = batch.cu_seqlens.diff()[1::2]
+    assert torch.equal(dropped, torch.from_numpy(prompt + answers).int())
+    assert int(batch.hist_tokens_after[1::2].sum()) == 0
+    assert torch.equal(batch.hist_tokens_after[0::2], batch.hist_tokens_before[0::2])
 
 
 @pytest.mark.parametrize("name", ["pft-s", "pretrain"])

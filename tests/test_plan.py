@@ -136,8 +136,11 @@ def test_batch_random_plans(name):
     again = planner.plan_batch(lengths, np.random.default_rng(0), width=100)
     # Seeded = reproducible.
     assert all(np.array_equal(a.kinds, b.kinds) for a, b in zip(views, again, strict=True))
-    if name == "pretrain":
-        assert np.all(views[0].kinds[views[0].kinds != PAD] == TEXT)
+    # Both random plans give two views (the dropout ablation used to give one): all text, then the other.
+    assert len(views) == 2
+    assert np.all(views[0].kinds[views[0].kinds != PAD] == TEXT)
+    one = planner.plan(7, np.random.default_rng(1))
+    assert len(one) == 2 and np.all(one[0].kinds == TEXT)
     comp = views[-1]
     for b, n in enumerate(lengths):
         check_groups(Plan(comp.kinds[b, :n], comp.group[b, :n]))

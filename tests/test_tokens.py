@@ -128,3 +128,37 @@ def test_chat_template_prompt_and_end_of_turn(llama3):
     assert suffix.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     # Explicit override wins.
     assert tokenize_dataset(tok, tiny_dataset(), eot_token="<|end_of_text|>").prompt.eot == 128001
+
+
+# What Llama-3.1/3.2 templates do with the date (their default system message prints "Today Date").
+DATED_TEMPLATE = (
+    "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+    "Today Date: {{ date_string }} / {{ strftime_now('%Y-%m-%d') }}\n"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+
+
+def test_chat_template_dates_are_fixed(tiny_tokenizer_dir, monkeypatch):
+    """Defect: templates that print today's date gave a different prompt every day. Prompts are rendered on
+    PROMPT_DATE whatever the clock says, through date_string and through strftime_now."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    from patchrec.tokens import PROMPT_DATE, render_prompt_text
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.chat_template = DATED_TEMPLATE
+    texts = []
+    for day in (datetime.datetime(2026, 11, 25), datetime.datetime(2031, 2, 3)):
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None, day=day):
+                return day
+
+        monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+        plain = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        assert day.strftime("%Y") in plain  # the clock really moved
+        texts.append(render_prompt_text(tok, "sys", "watched [HISTORY_SEQUENCE]."))
+    assert texts[0] == texts[1]
+    assert f"Today Date: {PROMPT_DATE:%d %b %Y} / {PROMPT_DATE:%Y-%m-%d}" in texts[0]

@@ -12,10 +12,16 @@ import patchrec.train as train_module
 from patchrec.cli import main
 from patchrec.data.dataset import make_samples
 from patchrec.model import PackedLlama
-from patchrec.pack import count_batches, iter_batches
 from patchrec.plan import make_planner
 from patchrec.tokens import load_tokenizer, tokenize_dataset
-from patchrec.train import epoch_seed, latest_checkpoint, load_dataset, load_trainer_state, train
+from patchrec.train import (
+    latest_checkpoint,
+    load_dataset,
+    load_trainer_state,
+    step_micro_batches,
+    total_steps_of,
+    train,
+)
 from patchrec.train_config import PRESETS, TrainConfig, preset
 
 # A small synthetic problem: ~150-row samples, a few per micro-batch, a 300-id title BPE.
@@ -42,8 +48,8 @@ def small_config(tmp_path, name: str, **overrides) -> TrainConfig:
 
 def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path):
     # pretrain: random plans with the curriculum and two views, the hardest case for a resumed data stream;
-    # two micro-batches per step so that the position inside the accumulation matters too.
-    common = dict(stage="pretrain", max_steps=6, grad_accum=2, save_every=0)
+    # ~300-row two-view samples, 8 per step in 1600-row micro-batches: several micro-batches per step.
+    common = dict(stage="pretrain", max_steps=6, batch_size=8, save_every=0)
     full = train(small_config(tmp_path, "full", **common))
     assert sorted(full.step_losses) == list(range(1, 7))
 
@@ -112,18 +118,16 @@ def test_stage_two_starts_from_the_stage_one_run(tmp_path):
     saved = json.loads((tmp_path / "s2" / "train_config.json").read_text())
     assert saved["tokenizer"] == str(stage1.model_dir)
 
-    # Stage 2's first loss is the stage-1 model's loss on stage 2's first batch: it starts from those weights.
+    # Stage 2's first loss is the stage-1 model's loss on stage 2's first step: it starts from those weights.
     tok = load_tokenizer(stage1.model_dir)
     dataset = load_dataset(stage2_config)
     tokens = tokenize_dataset(tok, dataset)
     samples = make_samples(dataset, "train", stage2_config.max_items)
-    batches = iter_batches(samples, make_planner("pft-i", k=3), tokens, stage2_config.max_rows, shuffle=True,
-                           seed=epoch_seed(stage2_config.seed, 0))
-    batch = next(batches)
+    micro = step_micro_batches(stage2_config, samples, make_planner("pft-i", k=3), tokens, 0, 2)
     model = PackedLlama.from_pretrained(stage1.model_dir)
     with torch.no_grad():
-        expected = float(model(batch).loss)
-    assert abs(stage2.step_losses[1] - expected) < 1e-5
+        losses = torch.cat([model(b).label_loss for b in micro])
+    assert abs(stage2.step_losses[1] - float(losses.mean())) < 1e-5
 
 
 def test_cli_smoke(tmp_path, capsys):
@@ -149,12 +153,17 @@ def test_cli_smoke(tmp_path, capsys):
 def test_config_round_trip_and_bad_values(tmp_path):
     config = preset("ml-1m", stage="pft-s", out=str(tmp_path))
     assert config.lr == 8e-6 and config.grad_clip == 0.3 and config.warmup_ratio == 0.05
+    assert config.batch_size == 64 and preset("goodreads").batch_size == 32
     config.to_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == config
     with pytest.raises(ValueError, match="stage"):
         TrainConfig(stage="sft")
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="save_dtype"):
+        TrainConfig(save_dtype="fp16")
     with pytest.raises(ValueError, match="preset"):
         preset("ml-20m")
     with pytest.raises(FileNotFoundError, match="nope.json"):
@@ -163,18 +172,85 @@ def test_config_round_trip_and_bad_values(tmp_path):
         train(small_config(tmp_path, "bf16", dtype="bf16", device="cpu", max_steps=1))
 
 
-@pytest.mark.parametrize("stage", ["vanilla", "pretrain", "pft-s"])
-def test_count_batches_matches_iter_batches(tmp_path, stage):
-    # The schedule length comes from count_batches, which plans without gathering tokens: it must agree
-    # with iter_batches or the cosine schedule ends early / late.
-    config = small_config(tmp_path, "count", stage=stage, max_steps=1)
-    train(config)
-    tokens = tokenize_dataset(load_tokenizer(tmp_path / "count" / "tokenizer"), load_dataset(config))
-    samples = make_samples(load_dataset(config), "train", config.max_items)
-    planner = make_planner(stage, g=3)
-    for max_rows in (900, 1600):
-        expected = sum(1 for _ in iter_batches(samples, planner, tokens, max_rows, shuffle=True, seed=11))
-        assert count_batches(samples, planner, tokens, max_rows, shuffle=True, seed=11) == expected
+@pytest.fixture(scope="module")
+def small_tokens(tmp_path_factory):
+    config = preset("tiny", **(SMALL | {"out": str(tmp_path_factory.mktemp("tok")), "max_steps": 1}))
+    from patchrec.tokenizer_train import train_title_tokenizer
+
+    dataset = load_dataset(config)
+    tok_dir = tmp_path_factory.mktemp("bpe")
+    train_title_tokenizer(dataset.titles, tok_dir, config.tokenizer_vocab,
+                          extra_texts=[dataset.system_prompt, dataset.user_prompt])  # fmt: skip
+    return config, dataset, tokenize_dataset(load_tokenizer(tok_dir), dataset)
+
+
+def test_a_step_is_the_same_samples_for_every_plan(small_tokens):
+    """Defect: a step used to be a row budget, so PFT-S steps held several times the samples of vanilla ones.
+    Now every plan's step s holds the same batch_size samples, split over as many micro-batches as needed."""
+    config, dataset, tokens = small_tokens
+    config = config.replace(batch_size=7, epochs=2, max_steps=0)
+    samples = make_samples(dataset, "train", config.max_items)
+    total = total_steps_of(config, len(samples))
+    assert total == 2 * -(-len(samples) // 7)
+    per_plan = {}
+    for name in ("vanilla", "pft-i", "pft-s", "pretrain", "dropout"):
+        planner = make_planner(name, k=3, g=3)
+        steps = []
+        for step in (0, 1, total // 2 - 1, total // 2, total - 1):
+            micro = step_micro_batches(config, samples, planner, tokens, step, total)
+            ids = torch.cat([b.sample_ids for b in micro])
+            assert all(b.num_rows <= config.max_rows for b in micro)
+            # every sample of the step once per view, views of a sample next to each other
+            by_sample = ids.view(-1, planner.views)
+            assert torch.equal(by_sample, by_sample[:, :1].expand(-1, planner.views))
+            steps.append(sorted(ids[:: planner.views].tolist()))
+        per_plan[name] = steps
+    for name, steps in per_plan.items():
+        assert steps == per_plan["vanilla"], name
+    full, last_epoch_end = per_plan["vanilla"][0], per_plan["vanilla"][2]
+    assert len(full) == 7 and len(last_epoch_end) == len(samples) - 7 * (total // 2 - 1)
+    # the second epoch visits the samples in another order
+    assert per_plan["vanilla"][3] != per_plan["vanilla"][0]
+
+
+def test_curriculum_follows_the_optimizer_step_across_epochs(tmp_path, monkeypatch):
+    """Defect: p was the position in the epoch, so it restarted every epoch and stopped early under
+    max_steps. p must be step / total steps of the run."""
+    seen = []
+    real = train_module.iter_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["progress"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "iter_batches", spy)
+    result = train(small_config(tmp_path, "curr", stage="pretrain", train_samples=12, batch_size=6,
+                                max_steps=5))  # fmt: skip
+    assert result.step == 5 and result.samples_trained == 5 * 6  # two steps per epoch, 2.5 epochs
+    assert seen == [s / 5 for s in range(5)]
+
+
+def test_weights_stay_fp32_from_a_bf16_checkpoint(tmp_path):
+    """Defect: a bf16 init trained and saved in bf16, so most fine-tuning updates rounded away."""
+    init = tmp_path / "bf16-init"
+    PackedLlama.from_preset("tiny", 400, seed=0).save_pretrained(init, dtype=torch.bfloat16)
+    first = PackedLlama.from_pretrained(init)
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    from patchrec.tokenizer_train import train_title_tokenizer
+
+    config = small_config(tmp_path, "fp32", stage="vanilla", init=str(init), max_steps=2, lr=1e-5,
+                          tokenizer=str(tmp_path / "bpe"))  # fmt: skip
+    dataset = load_dataset(config)
+    train_title_tokenizer(dataset.titles, tmp_path / "bpe", config.tokenizer_vocab)
+    result = train(config)
+    trained = PackedLlama.from_pretrained(result.model_dir)
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    before = first.lm.state_dict()
+    changed = [float((trained.lm.state_dict()[n].float() != before[n].float()).float().mean())
+               for n in before if ".layers." in n and n.endswith(".weight") and "norm" not in n]  # fmt: skip
+    assert min(changed) > 0.9, changed
+    again = train(config.replace(out=str(tmp_path / "bf16-out"), save_dtype="bf16"))
+    assert {p.dtype for p in PackedLlama.from_pretrained(again.model_dir).parameters()} == {torch.bfloat16}
 
 
 def test_default_synthetic_data_is_the_same_in_every_command():

@@ -8,10 +8,13 @@ Two-stage example (METHOD.md §3)::
     patchrec train --stage pft-i --data ../shared/data/patchrec/ml-100k \\
         --init runs/ml100k-pretrain --preset tiny --out runs/ml100k-pft-i
 
-``--init`` is a model preset (random init), a Hugging Face model directory, or a previous run's ``--out``
-(its ``model/``; the tokenizer saved there is used when ``--tokenizer`` is absent). ``--resume`` continues
-from the newest checkpoint in ``--out`` and reproduces the uninterrupted run. Writes ``train_config.json``,
-``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into ``--out``.
+``--init`` is a model preset (random init), a Hugging Face model directory, a ``.gguf`` file (its tokenizer
+and chat template too), or a previous run's ``--out`` (its ``model/``; the tokenizer saved there is used when
+``--tokenizer`` is absent). An optimizer step is ``--batch-size`` samples for every plan, packed into
+micro-batches of ``--max-rows`` rows; weights and optimizer state are fp32 (``--dtype`` only sets compute).
+``--resume`` continues from the newest checkpoint in ``--out`` and reproduces the uninterrupted run. Writes
+``train_config.json``, ``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into
+``--out``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from patchrec.train_config import PRESETS, STAGES, TrainConfig
 _OVERRIDES = ("k", "g", "p", "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
               "synthetic_interests", "synthetic_long_term_share", "lr",
-              "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "max_rows", "grad_accum",
+              "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
               "seed", "val_every", "val_samples", "val_plan", "log_every", "save_every", "keep_checkpoints",
-              "halt_after", "dtype", "device")
+              "halt_after", "dtype", "device", "save_dtype")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what = parser.add_argument_group("stage and model")
     what.add_argument("--stage", required=True, choices=STAGES, help="plan trained in this stage")
     what.add_argument("--init", default=None,
-                      help="model preset (tiny, llama-3.2-1b: random init), model dir, or a previous run dir")
+                      help="model preset (tiny, llama-3.2-1b: random init), HF model dir, .gguf file, or a "
+                           "previous run dir")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="hyperparameter preset (METHOD.md §3 released settings, or tiny for CPU)")
     what.add_argument("--k", type=int, default=None, help="pft-i: newest items kept as text (default 5)")
@@ -74,8 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     opt.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 0.3; 0 = off)")
     opt.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    opt.add_argument("--max-rows", type=int, default=None, help="token budget: packed rows per micro-batch")
-    opt.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help="samples per optimizer step, the same for every plan (default 64; METHOD.md §3)")
+    opt.add_argument("--max-rows", type=int, default=None,
+                     help="packed rows per micro-batch (memory only: a step's samples are accumulated)")
     opt.add_argument("--seed", type=int, default=None, help="seed for init, data order and random plans")
 
     run = parser.add_argument_group("validation, logging, checkpoints, hardware")
@@ -89,7 +95,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run.add_argument("--halt-after", type=int, default=None,
                      help="stop with a checkpoint after this step, schedule unchanged (resume later)")
     run.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=None,
-                     help="autocast: auto = bf16 on CUDA, fp32 on CPU")
+                     help="compute (autocast): auto = bf16 on CUDA, fp32 on CPU; weights stay fp32")
+    run.add_argument("--save-dtype", choices=("fp32", "bf16"), default=None,
+                     help="dtype of the final saved model (default fp32; checkpoints are always fp32)")
     run.add_argument("--device", default=None, help="cuda, cpu or auto (default)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.set_defaults(run=run_command)

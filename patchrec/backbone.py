@@ -1,0 +1,80 @@
+"""Where a Llama comes from: a Hugging Face model directory (``config.json`` + safetensors) or a single
+``.gguf`` file (llama.cpp's format, e.g. SmolLM2-135M-Instruct), both read offline.
+
+GGUF files load through transformers' own GGUF reader (the ``gguf`` package; weights are dequantised to the
+requested dtype). A model read that way carries a ``quantization_config`` and refuses ``save_pretrained``, so
+its weights are copied into a plain ``LlamaForCausalLM`` of the same config: from then on it is an ordinary
+model that saves as safetensors and reloads in plain transformers. The tokenizer and its chat template come
+from the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == GGUF_SUFFIX
+
+
+def _gguf_parts(path: str | Path) -> tuple[str, str]:
+    """(directory, file name) as transformers' ``gguf_file`` loading wants them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    return str(path.parent), path.name
+
+
+def load_causal_lm(
+    path: str | Path, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> LlamaForCausalLM:
+    """A plain ``LlamaForCausalLM`` from an HF directory or a ``.gguf`` file (``dtype`` None: the checkpoint's
+    own dtype for a directory, fp32 for GGUF)."""
+    if is_gguf(path):
+        from transformers import AutoModelForCausalLM
+
+        folder, name = _gguf_parts(path)
+        read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32,
+                                                    local_files_only=True)  # fmt: skip
+        if not isinstance(read, LlamaForCausalLM):
+            raise ValueError(f"{path}: a {type(read).__name__}, not a Llama-architecture model")
+        config = read.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # a plain model: saves as safetensors, reloads without gguf
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(read.state_dict())
+        plain.to(read.dtype)
+        if attn_implementation is not None:
+            plain.set_attn_implementation(attn_implementation)
+        return plain
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory or a .gguf file")
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                            attn_implementation=attn_implementation)
+
+
+def load_hf_tokenizer(path: str | Path):
+    """The Hugging Face tokenizer of a directory or of a ``.gguf`` file (its chat template included)."""
+    from transformers import AutoTokenizer
+
+    if is_gguf(path):
+        folder, name = _gguf_parts(path)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether ``path`` carries a tokenizer: a GGUF file always does, a directory when it has the files."""
+    path = Path(path)
+    if is_gguf(path):
+        return path.is_file()
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
