@@ -4,14 +4,18 @@ Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
   as the answer to the prompt; the prompt runs once per sample and the titles continue from its cached
   keys/values (``patchrec.rank_exact``). Full ranks for any K; ties follow ``patchrec.metrics`` (pessimistic).
-- ``"beam"``: the authors' protocol, trie-constrained diverse beam search returning ``beams`` titles
-  (``patchrec.rank_beam``); the rank is the position of the target's title in that list and a miss counts
-  as rank ``beams`` (i.e. ">= beams"), so metrics are reported for K <= beams only.
+- ``"beam"``: trie-constrained diverse beam search returning ``beams`` titles (``patchrec.rank_beam``), under
+  ``protocol="authors"`` (default: transformers 4.46.3 group beam search as the PatchRec authors call it) or
+  ``"clean"``. The rank follows the protocol's rule (``rank_in_returned``): authors, the LAST returned title
+  whose text starts with the target's text (their ``calculate_rank``: ``real == generated[:len(real)]``);
+  clean, the first returned title equal to the target's. A miss counts as rank ``beams`` (i.e. ">= beams"),
+  so metrics are reported for K <= beams only.
 
 Duplicate titles are one item. In the exact ranking the items sharing a title get that title's score, and
 every copy except one (the target itself, else the lowest id) is set to -inf before ranking, so a title
 is counted once and the target's duplicates never count against it. ``mask_history`` is passed to
-``rank_samples`` (exact) or drops the user's earlier titles other than the target's from the beam list.
+``rank_samples`` (exact) or drops the user's earlier titles other than the target's from the beam list
+before the rank rule reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from patchrec.data.dataset import Samples
 from patchrec.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
 from patchrec.pack import iter_batches
 from patchrec.plan import Planner
+from patchrec.rank_beam import BeamProtocol, TitleTrie, beam_search, get_protocol
 from patchrec.rank_exact import CatalogTitles, score_titles
 from patchrec.tokens import TokenizedDataset
 
@@ -86,17 +91,38 @@ def exact_item_scores(
     return item_scores
 
 
+def rank_in_returned(
+    returned: list[int], target: str, texts: list[str], *, rule: str, miss: int, drop: set[int] = frozenset(),
+) -> int:  # fmt: skip
+    """0-based rank of ``target`` (a title string) in a returned list of distinct-title indices (``texts[u]``
+    is title u's string; -1 is no title); titles in ``drop`` are removed first; ``miss`` when it is not there.
+
+    ``"first_equal"``: the first returned title equal to the target. ``"last_prefix"``: the authors'
+    ``calculate_rank`` on decoded, stripped texts: the LAST position whose text starts with the target's text
+    (so a longer title like "Heathers" counts for "Heat", and a later duplicate wins over an earlier one).
+    """
+    if rule not in ("first_equal", "last_prefix"):
+        raise ValueError(f"rank rule must be 'first_equal' or 'last_prefix', got {rule!r}")
+    kept = [texts[u] if u >= 0 else None for u in returned if u not in drop]
+    if rule == "first_equal":
+        return next((r for r, text in enumerate(kept) if text == target), miss)
+    hits = [r for r, text in enumerate(kept) if text is not None and text.strip().startswith(target)]
+    return hits[-1] if hits else miss
+
+
 def beam_ranks(
     model, tokens: TokenizedDataset, samples: Samples, catalog: CatalogTitles, *, planner: Planner,
-    max_rows: int, beams: int, groups: int, diversity: float, mask_history: bool, progress: bool,
+    max_rows: int, beams: int, groups: int, diversity: float, protocol: BeamProtocol, mask_history: bool,
+    progress: bool,
 ) -> np.ndarray:  # fmt: skip
     from tqdm.auto import tqdm
 
-    from patchrec.rank_beam import TitleTrie, beam_search
-
     device = _model_device(model)
     trie = TitleTrie(catalog, tokens.prompt.eot)
-    targets = catalog.item_title[samples.targets().astype(np.int64)]
+    titles = samples.dataset.titles
+    texts = [titles[i] for i in catalog.canonical.tolist()]
+    target_items = samples.targets().astype(np.int64)
+    targets = catalog.item_title[target_items]
     ranks = np.full(len(samples), beams, dtype=np.int64)
     seen: dict[int, set[int]] = {}
     if mask_history:
@@ -105,13 +131,12 @@ def beam_ranks(
             seen.setdefault(r, set()).add(i)
     bar = tqdm(total=len(samples), desc="beam", disable=not progress, leave=False)
     for batch in iter_batches(samples, planner, tokens, max_rows, answer=False):
-        returned = beam_search(model, batch.to(device), trie, beams=beams, groups=groups, diversity=diversity)
-        for sid, titles in zip(batch.sample_ids.tolist(), returned, strict=True):
-            target = int(targets[sid])
-            drop = seen.get(sid, set()) - {target}
-            titles = [u for u, _ in titles if u not in drop]
-            if target in titles:
-                ranks[sid] = titles.index(target)
+        returned = beam_search(model, batch.to(device), trie, beams=beams, groups=groups, diversity=diversity,
+                               protocol=protocol)  # fmt: skip
+        for sid, row in zip(batch.sample_ids.tolist(), returned, strict=True):
+            drop = seen.get(sid, set()) - {int(targets[sid])}
+            ranks[sid] = rank_in_returned([u for u, _ in row], titles[target_items[sid]], texts,
+                                          rule=protocol.rank_rule, miss=beams, drop=drop)  # fmt: skip
         bar.update(batch.num_sequences)
     bar.close()
     return ranks
@@ -132,6 +157,7 @@ def evaluate(
     beams: int = 20,
     groups: int = 20,
     diversity: float = 0.8,
+    protocol: str | BeamProtocol = "authors",
 ) -> EvalResult:
     """Rank the whole catalog for every sample (the first ``limit`` when given); see the module docstring.
 
@@ -151,6 +177,7 @@ def evaluate(
             raise ValueError(f"groups must be >= 1 and divide beams={beams}, got {groups}")
         if diversity < 0:
             raise ValueError(f"diversity must be >= 0, got {diversity}")
+        protocol = get_protocol(protocol)
     if tokens.titles.offsets.shape[0] - 1 != samples.dataset.num_items:
         raise ValueError("tokens must be the tokenisation of samples.dataset (title counts differ)")
     samples = limit_samples(samples, limit)
@@ -171,15 +198,16 @@ def evaluate(
             else:
                 ranks = beam_ranks(
                     model, tokens, samples, catalog, planner=planner, max_rows=max_rows, beams=beams,
-                    groups=groups, diversity=diversity, mask_history=mask_history, progress=progress,
+                    groups=groups, diversity=diversity, protocol=protocol, mask_history=mask_history,
+                    progress=progress,
                 )  # fmt: skip
     finally:
         model.train(was_training)
     config: dict[str, Any] = {"ranking": ranking, "plan": planner.name, "max_rows": max_rows,
                               "distinct_titles": len(catalog)}
     if ranking == "beam":
-        config.update(beams=beams, groups=groups, diversity=diversity, miss_rank=f">= {beams}")
-    if ranking == "beam":
+        config.update(beams=beams, groups=groups, diversity=diversity, miss_rank=f">= {beams}",
+                      **protocol.settings(TitleTrie(catalog, tokens.prompt.eot)))  # fmt: skip
         # A miss is only known to rank >= beams: HR/NDCG@K for K > beams would count misses as hits.
         ks = [k for k in ks if k <= beams] or [beams]
     config["ks"] = [int(k) for k in ks]

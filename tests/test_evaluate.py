@@ -4,6 +4,7 @@ masking, and the ``patchrec eval`` command on a tiny saved model."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -15,13 +16,13 @@ from tiny_data import build_tiny_tokenizer, tiny_dataset
 from transformers import LlamaForCausalLM
 
 from patchrec.data.dataset import make_samples
-from patchrec.evaluate import evaluate, exact_item_scores, limit_samples
+from patchrec.evaluate import evaluate, exact_item_scores, limit_samples, rank_in_returned
 from patchrec.metrics import full_ranks, rank_samples
 from patchrec.model import PackedLlama
 from patchrec.pack import iter_batches
 from patchrec.pack_reference import ReferencePacker
 from patchrec.plan import make_planner
-from patchrec.rank_beam import TitleTrie, beam_search
+from patchrec.rank_beam import PROTOCOLS, TitleTrie, beam_search
 from patchrec.rank_exact import CatalogTitles, encode_prompts, score_titles
 from patchrec.tokens import load_tokenizer, tokenize_dataset
 
@@ -168,7 +169,8 @@ def test_beam_equals_exact_ranking_when_it_can_hold_every_title(setup):
     batch = next(iter_batches(samples, planner, td, max_rows=4096, order=ids, answer=False))
     with torch.no_grad():
         exact = score_titles(model, batch, catalog, td.prompt.eot, max_rows=4096)
-        out = beam_search(model, batch, trie, beams=len(catalog) + 2, groups=1, diversity=0.0)
+        out = beam_search(model, batch, trie, beams=len(catalog) + 2, groups=1, diversity=0.0,
+                          protocol="clean")  # fmt: skip
     for r in range(len(ids)):
         titles = [u for u, _ in out[r]]
         assert titles == exact[r].argsort(descending=True).tolist()  # every title, in likelihood order
@@ -184,9 +186,11 @@ def test_beam_top_titles_and_trie_constraint(setup):
     batch = next(iter_batches(samples, planner, td, max_rows=4096, order=np.arange(4), answer=False))
     with torch.no_grad():
         exact = score_titles(model, batch, catalog, td.prompt.eot, max_rows=4096)
-        narrow = beam_search(model, batch, trie, beams=4, groups=1, diversity=0.0)
-        diverse = beam_search(model, batch, trie, beams=6, groups=3, diversity=0.8, return_tokens=True)
-        spread = beam_search(model, batch, trie, beams=4, groups=4, diversity=1e4, return_tokens=True)
+        narrow = beam_search(model, batch, trie, beams=4, groups=1, diversity=0.0, protocol="clean")
+        diverse = beam_search(model, batch, trie, beams=6, groups=3, diversity=0.8, return_tokens=True,
+                              protocol="clean")  # fmt: skip
+        spread = beam_search(model, batch, trie, beams=4, groups=4, diversity=1e4, return_tokens=True,
+                             protocol="clean")  # fmt: skip
     for r in range(4):
         # Without diversity a hypothesis score is the title's exact log-likelihood, returned best first.
         got = torch.tensor([sc for _, sc in narrow[r]])
@@ -200,26 +204,45 @@ def test_beam_top_titles_and_trie_constraint(setup):
         assert len(set(firsts)) == len(firsts)
 
 
-def test_evaluate_beam_ranks(setup):
-    _, _, _, td, samples, model = setup
+@pytest.mark.parametrize("protocol", ["authors", "clean"])
+def test_evaluate_beam_ranks(setup, protocol):
+    _, _, ds, td, samples, model = setup
     planner = make_planner("vanilla")
-    res = evaluate(model, td, samples, planner=planner, ranking="beam", beams=4, groups=2, limit=5,
-                   progress=False)
-    masked = evaluate(model, td, samples, planner=planner, ranking="beam", beams=4, groups=2, limit=5,
-                      mask_history=True, progress=False)
+    kw = dict(planner=planner, ranking="beam", beams=4, groups=2, limit=5, progress=False, protocol=protocol)
+    res = evaluate(model, td, samples, **kw)
+    masked = evaluate(model, td, samples, mask_history=True, **kw)
     assert res.ranking == "beam" and res.ranks.max() <= 4 and res.config["miss_rank"] == ">= 4"
     assert set(res.metrics) == {"HR@1", "NDCG@1"}  # K > beams would count misses as hits
-    # Dropping the user's earlier titles from the returned list can only move the target up.
-    assert masked.mask_history and (masked.ranks <= res.ranks).all() and (masked.ranks < res.ranks).any()
+    assert res.config["protocol"] == protocol and res.config["rank_rule"] == PROTOCOLS[protocol].rank_rule
+    catalog = CatalogTitles.from_table(td.titles)
+    longest = int(catalog.lengths.max())
+    assert res.config["max_new_tokens"] == (longest if protocol == "authors" else longest + 1)
+    # The ranks are the protocol's rule applied to what beam_search returns, with the dataset's title strings.
+    small = limit_samples(samples, 5)
+    texts = [ds.titles[i] for i in catalog.canonical]
+    batch = next(iter_batches(small, planner, td, max_rows=8192, answer=False))
+    with torch.no_grad():
+        returned = beam_search(model, batch, TitleTrie(catalog, td.prompt.eot), beams=4, groups=2,
+                               protocol=protocol)  # fmt: skip
+    for sid, row in zip(batch.sample_ids.tolist(), returned, strict=True):
+        target = ds.titles[small.targets()[sid]]
+        rule = PROTOCOLS[protocol].rank_rule
+        assert res.ranks[sid] == rank_in_returned([u for u, _ in row], target, texts, rule=rule, miss=4)
+    # No tiny title is a string prefix of another, so dropping the user's earlier titles from the returned
+    # list can only move the target up under either rule (authors: 1 hit of 5 here, none that masking moves).
+    assert masked.mask_history and (masked.ranks <= res.ranks).all()
+    assert (masked.ranks < res.ranks).any() or protocol == "authors"
     with pytest.raises(ValueError, match="groups"):
         evaluate(model, td, samples, planner=planner, ranking="beam", beams=4, groups=3)
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate(model, td, samples, planner=planner, ranking="beam", beams=4, groups=2, protocol="paper")
     with pytest.raises(ValueError, match="planner"):
         evaluate(model, td, samples, planner=make_planner("pretrain"))
     with pytest.raises(ValueError, match="ranking"):
         evaluate(model, td, samples, planner=planner, ranking="sampled")
 
 
-@pytest.mark.parametrize("ranking", ["exact", "beam"])
+@pytest.mark.parametrize("ranking", ["exact", "beam", "beam-clean"])
 def test_cli_eval_smoke(setup, tmp_path, capsys, ranking):
     from patchrec.cli import main
     from patchrec.data.release import write_release
@@ -228,14 +251,113 @@ def test_cli_eval_smoke(setup, tmp_path, capsys, ranking):
     model.save_pretrained(tmp_path / "model")
     write_release(ds, tmp_path / "data")
     out = tmp_path / "res.json"
+    ranking, _, protocol = ranking.partition("-")
+    extra = ["--protocol", protocol] if protocol else []
     code = main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--tokenizer",
                  str(tok_dir), "--plan", "pft-i", "--k", "2", "--split", "test", "--limit", "3",
                  "--max-items", "12", "--out", str(out), "--no-progress", "--ranking", ranking,
-                 "--beams", "4", "--groups", "2"])
+                 "--beams", "4", "--groups", "2", *extra])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
+    config = result["config"]
     assert result["num_samples"] == 3 and len(result["ranks"]) == 3 and result["mask_history"] is False
-    assert result["config"]["ranking"] == ranking and result["config"]["plan"] == "pft-i"
+    assert config["ranking"] == ranking and config["plan"] == "pft-i"
     assert result["ks"] == ([1, 5, 10, 20, 50] if ranking == "exact" else [1])
+    # No train_config.json next to the model: flags as given, the rest from the fallback defaults.
+    origin = config["settings_from"]
+    assert origin["train_config"] is None and config["g"] == 5
+    assert origin["sources"] == {"plan": "flag", "k": "flag", "g": "default", "max_items": "flag"}
+    if ranking == "beam":  # the protocol and its settings are recorded next to the metrics
+        expect = protocol or "authors"
+        assert config["protocol"] == expect and config["rank_rule"] == PROTOCOLS[expect].rank_rule
+        assert config["length_penalty"] == PROTOCOLS[expect].length_penalty and "pad_id" in config
     printed = capsys.readouterr().out
-    assert f"ranking={ranking} (unmasked, n=3" in printed and "HR    NDCG" in printed
+    assert f"ranking={ranking}" in printed and "(unmasked, n=3" in printed and "HR    NDCG" in printed
+
+
+def write_run(root, model, tok, **saved):
+    """A training run directory: train_config.json, model/ (with the tokenizer), checkpoints/step-000002."""
+    import shutil
+
+    root.mkdir(parents=True)
+    config = {"stage": "pft-i", "k": 5, "g": 5, "max_items": 100, "val_plan": None, "lr": 1e-5, **saved}
+    (root / "train_config.json").write_text(json.dumps(config))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(str(root / "model"))
+    shutil.copytree(root / "model", root / "checkpoints" / "step-000002")
+    return root
+
+
+@pytest.mark.parametrize(
+    "saved, plan",
+    [({"stage": "pft-s"}, "pft-s"), ({"stage": "vanilla"}, "vanilla"), ({"stage": "pretrain"}, "pft-i"),
+     ({"stage": "dropout"}, "pft-i"), ({"stage": "pretrain", "val_plan": "pft-s"}, "pft-s")],
+)  # fmt: skip
+def test_eval_settings_default_to_the_runs_train_config(tmp_path, saved, plan):
+    from patchrec.commands.eval import find_train_config, resolve_model_path, resolve_settings
+
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    for d in (run_dir / "model", run_dir / "checkpoints" / "step-000004"):
+        (d / "config.json").write_text("{}")
+    (run_dir / "train_config.json").write_text(json.dumps({"k": 3, "g": 7, "max_items": 20, **saved}))
+    args = lambda **kw: argparse.Namespace(**{"plan": None, "k": None, "g": None, "max_items": None,  # noqa: E731
+                                              "force": False, **kw})  # fmt: skip
+    for model in (run_dir, run_dir / "model", run_dir / "checkpoints" / "step-000004"):
+        model_dir = resolve_model_path(str(model))
+        assert model_dir == (run_dir / "model" if model == run_dir else model)
+        assert find_train_config(model_dir) == run_dir / "train_config.json"
+        values, record = resolve_settings(args(), model_dir)
+        assert values == {"plan": plan, "k": 3, "g": 7, "max_items": 20}
+        assert set(record["sources"].values()) == {"train_config"} and not record["force"]
+    # Flags that agree are fine; a contradiction names the flag and both values unless --force.
+    values, record = resolve_settings(args(plan=plan, g=7), model_dir)
+    assert values["g"] == 7 and record["sources"]["g"] == "flag" and record["sources"]["k"] == "train_config"
+    other = "vanilla" if plan != "vanilla" else "pft-s"
+    for flag, given, have in (("plan", other, plan), ("k", 4, 3), ("g", 2, 7), ("max_items", 50, 20)):
+        name = "--" + flag.replace("_", "-")
+        with pytest.raises(ValueError, match=rf"{name} {given} contradicts the run's {have} "):
+            resolve_settings(args(**{flag: given}), model_dir)
+        values, record = resolve_settings(args(**{flag: given}, force=True), model_dir)
+        assert values[flag] == given and record["force"] and record["saved"][flag] == have
+    # Without a train_config.json (a model directory on its own): the old defaults.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "config.json").write_text("{}")
+    assert find_train_config(alone) is None
+    values, record = resolve_settings(args(), alone)
+    assert values == {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100}
+    assert record["train_config"] is None and set(record["sources"].values()) == {"default"}
+    # A run directory without model/ is refused (its checkpoints are the models).
+    (run_dir / "model" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model/"):
+        resolve_model_path(str(run_dir))
+
+
+def test_cli_eval_uses_the_runs_train_config(setup, tmp_path, capsys):
+    from patchrec.cli import main
+    from patchrec.data.release import write_release
+
+    tok, _, ds, _, _, model = setup
+    run_dir = write_run(tmp_path / "run", model, tok, stage="pft-s", g=2, k=3, max_items=12)
+    write_release(ds, tmp_path / "data")
+    out = tmp_path / "res.json"
+    base = ["eval", "--data", str(tmp_path / "data"), "--split", "test", "--limit", "2", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(base + ["--model", str(run_dir)]) == 0  # the run directory: its model/ and tokenizer
+    config = json.loads(out.read_text())["config"]
+    assert (config["plan"], config["k"], config["g"], config["max_items"]) == ("pft-s", 3, 2, 12)
+    assert config["model_dir"] == str(run_dir / "model") and config["tokenizer"] == str(run_dir / "model")
+    assert config["settings_from"]["train_config"] == str(run_dir / "train_config.json")
+    assert set(config["settings_from"]["sources"].values()) == {"train_config"}
+    assert "plan=pft-s" in capsys.readouterr().out
+    checkpoint = str(run_dir / "checkpoints" / "step-000002")
+    assert main(base + ["--model", checkpoint, "--plan", "vanilla"]) == 2
+    err = capsys.readouterr().err
+    assert "--plan vanilla contradicts the run's pft-s" in err and "--force" in err
+    assert main(base + ["--model", checkpoint, "--plan", "vanilla", "--force"]) == 0
+    config = json.loads(out.read_text())["config"]
+    origin = config["settings_from"]
+    assert config["plan"] == "vanilla" and config["max_items"] == 12 and origin["force"]
+    assert origin["sources"]["plan"] == "flag" and origin["saved"]["plan"] == "pft-s"

@@ -2,21 +2,40 @@
 
 Example::
 
-    patchrec eval --model runs/pft-s --data ../shared/data/patchrec/ml-100k --plan pft-s --g 20 \\
-        --split test --out runs/pft-s/test_exact.json
+    patchrec eval --model runs/pft-s --data ../shared/data/patchrec/ml-100k --split test \\
+        --out runs/pft-s/test_exact.json     # plan, K, G, L: runs/pft-s/train_config.json's
 
 ``--ranking exact`` (default) scores every distinct title by its log-likelihood as the answer (full ranks);
-``--ranking beam`` is the authors' trie-constrained diverse beam search (rank >= beams counts as a miss).
+``--ranking beam`` is trie-constrained diverse beam search (rank >= beams counts as a miss), ``--protocol
+authors`` (default: transformers 4.46.3 group beam search as the PatchRec authors call it, their rank rule)
+or ``--protocol clean`` (see ``patchrec.rank_beam``).
+
+``--model`` is a model directory, a checkpoint ``R/checkpoints/step-N`` or a training run directory ``R``
+(its ``R/model``). When the run's ``train_config.json`` is found (in the model directory, its parent, or two
+levels up for a checkpoint), ``--plan``, ``--k``, ``--g`` and ``--max-items`` default to how the model was
+trained: the plan is the run's ``val_plan``, else its stage when that is vanilla / pft-i / pft-s, else pft-i.
+A flag that contradicts the saved value is an error unless ``--force``. Without the file the defaults are
+vanilla, 5, 5, 100. The results JSON records where each value came from.
+
 Writes ``patchrec.metrics.write_results`` JSON (metrics, K list, masking flag, ranking, plan, raw ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 from patchrec.data.source import load_data
 from patchrec.metrics import DEFAULT_KS
+from patchrec.plan import evaluation_plan
+
+PLANS = ("vanilla", "pft-i", "pft-s")
+# train_config.json fields (same names as the flags) that default to the run's; the plan is derived from two.
+SAVED_FIELDS = ("k", "g", "max_items")
+FALLBACK = {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100}  # without a train_config.json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,20 +46,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="Hugging Face Llama checkpoint directory")
+    model.add_argument("--model", required=True,
+                       help="model directory, checkpoint R/checkpoints/step-N, or training run directory R")
     model.add_argument(
         "--tokenizer", default=None, help="tokenizer directory (default: the model directory)"
     )
     data = parser.add_argument_group("data and plan")
     data.add_argument("--data", required=True, help="release directory or 'synthetic'")
     data.add_argument("--split", choices=("val", "test"), default="test", help="split (default test)")
-    data.add_argument("--max-items", type=int, default=100, help="history length L (default 100)")
-    data.add_argument("--plan", choices=("vanilla", "pft-i", "pft-s"), default="vanilla", help="compression")
-    data.add_argument("--k", type=int, default=5, help="pft-i: newest items kept as text (default 5)")
-    data.add_argument("--g", type=int, default=5, help="pft-s: session size (default 5)")
+    data.add_argument("--max-items", type=int, default=None,
+                      help="history length L (default: the run's train_config.json, else 100)")
+    data.add_argument("--plan", choices=PLANS, default=None,
+                      help="compression (default: the run's val_plan / stage, else vanilla)")
+    data.add_argument("--k", type=int, default=None,
+                      help="pft-i: newest items kept as text (default: the run's, else 5)")
+    data.add_argument("--g", type=int, default=None, help="pft-s: session size (default: the run's, else 5)")
+    data.add_argument("--force", action="store_true",
+                      help="allow --plan/--k/--g/--max-items that contradict the run's train_config.json")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--ranking", choices=("exact", "beam"), default="exact", help="protocol (default exact)")
+    ev.add_argument("--ranking", choices=("exact", "beam"), default="exact", help="ranking (default exact)")
+    ev.add_argument("--protocol", choices=("authors", "clean"), default="authors",
+                    help="beam: the authors' (transformers 4.46.3 as they call it; default) or clean")
     ev.add_argument(
         "--mask-history",
         action="store_true",
@@ -60,6 +87,58 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def resolve_model_path(model: str) -> Path:
+    """``--model`` -> the directory (or file) to load: a run directory ``R`` means ``R/model``."""
+    path = Path(model)
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "train_config.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: a training run directory without model/ "
+                                "(pass one of its checkpoints/step-N)")  # fmt: skip
+    return path
+
+
+def find_train_config(model_dir: Path) -> Path | None:
+    """The run's ``train_config.json`` for a model directory: in it, its parent (``R/model``), or two levels
+    up for a checkpoint (``R/checkpoints/step-N``)."""
+    places = [model_dir, model_dir.parent]
+    if model_dir.parent.name == "checkpoints":
+        places.append(model_dir.parent.parent)
+    for place in places:
+        if (place / "train_config.json").is_file():
+            return place / "train_config.json"
+    return None
+
+
+def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(plan, k, g, max_items) and a record of where each came from: the flag, the run's train_config.json
+    (read as plain JSON), or the fallback defaults. A flag contradicting the saved value is a ValueError
+    unless ``args.force``."""
+    path = find_train_config(model_dir)
+    saved_values: dict[str, Any] = {}
+    if path is not None:
+        saved = json.loads(path.read_text())
+        saved_values["plan"] = evaluation_plan(saved.get("stage", ""), saved.get("val_plan"))
+        saved_values.update({name: saved[name] for name in SAVED_FIELDS if name in saved})
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in ("plan", "k", "g", "max_items"):
+        given = getattr(args, name)
+        if given is not None:
+            if name in saved_values and given != saved_values[name] and not args.force:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {given} contradicts the run's {saved_values[name]} ({path}); "
+                                 "pass --force to evaluate that way anyway")  # fmt: skip
+            values[name], sources[name] = given, "flag"
+        elif name in saved_values:
+            values[name], sources[name] = saved_values[name], "train_config"
+        else:
+            values[name], sources[name] = FALLBACK[name], "default"
+    record = {"train_config": str(path) if path is not None else None, "saved": saved_values,
+              "sources": sources, "force": bool(args.force)}  # fmt: skip
+    return values, record
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -70,35 +149,41 @@ def run(args: argparse.Namespace) -> int:
     from patchrec.plan import make_planner
     from patchrec.tokens import load_tokenizer, tokenize_dataset
 
-    if args.max_items < 1:
-        raise ValueError(f"--max-items must be >= 1, got {args.max_items}")
+    model_dir = resolve_model_path(args.model)
+    settings, origin = resolve_settings(args, model_dir)
+    plan, max_items = settings["plan"], settings["max_items"]
+    if max_items < 1:
+        raise ValueError(f"--max-items must be >= 1, got {max_items}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer_dir = args.tokenizer or str(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     dataset = load_data(args.data)
     tokens = tokenize_dataset(tokenizer, dataset)
-    samples = make_samples(dataset, args.split, args.max_items)
+    samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
-    model = PackedLlama.from_pretrained(args.model, vocab_size=tokens.vocab_size,
+    model = PackedLlama.from_pretrained(model_dir, vocab_size=tokens.vocab_size,
                                         dtype=getattr(torch, dtype_name)).to(device)  # fmt: skip
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")
-    planner = make_planner(args.plan, k=args.k, g=args.g)
+    planner = make_planner(plan, k=settings["k"], g=settings["g"])
     res = evaluate(
         model, tokens, samples, planner=planner, ranking=args.ranking, ks=DEFAULT_KS,
         mask_history=args.mask_history, max_rows=args.max_rows, limit=args.limit,
         progress=not args.no_progress, beams=args.beams, groups=args.groups, diversity=args.diversity,
+        protocol=args.protocol,
     )  # fmt: skip
     config = {
-        "model": args.model, "tokenizer": args.tokenizer or args.model, "data": args.data,
-        "split": args.split, "max_items": args.max_items, "plan": args.plan, "k": args.k, "g": args.g,
-        "limit": args.limit, "dtype": dtype_name, "device": str(device), **res.config,
+        "model": args.model, "model_dir": str(model_dir), "tokenizer": tokenizer_dir, "data": args.data,
+        "split": args.split, "max_items": max_items, "plan": plan, "k": settings["k"], "g": settings["g"],
+        "settings_from": origin, "limit": args.limit, "dtype": dtype_name, "device": str(device),
+        **res.config,
     }  # fmt: skip
-    extra = {"ranking": res.ranking, "plan": args.plan, "eval_seconds": res.seconds,
+    extra = {"ranking": res.ranking, "plan": plan, "eval_seconds": res.seconds,
              "seconds_per_sample": res.seconds / max(res.num_samples, 1),
              "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     write_results(
@@ -107,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     label = "masked" if res.mask_history else "unmasked"
     per_sample = res.seconds / max(res.num_samples, 1)
-    print(f"{dataset.name} {args.split} plan={args.plan} ranking={res.ranking} "
+    protocol = f" protocol={args.protocol}" if res.ranking == "beam" else ""
+    print(f"{dataset.name} {args.split} plan={plan} ranking={res.ranking}{protocol} "
           f"({label}, n={res.num_samples}, {per_sample:.3f} s/sample)")
     print("   K      HR    NDCG")
     for k in res.config["ks"]:
@@ -116,4 +202,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "find_train_config", "resolve_model_path", "resolve_settings", "run"]
