@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": "patchrec.commands.eval",
     "train": "patchrec.commands.train",
     "demo": "patchrec.commands.demo",
+    "reproduce": "patchrec.commands.reproduce",
     "bench": "patchrec.commands.bench",
 }
 
