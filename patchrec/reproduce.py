@@ -93,7 +93,8 @@ class RowResult:
     cr_measured: float | None = None  # mean over the evaluated samples of history tokens before / after
     cr_nominal: float | None = None  # a full L-item history with the catalog's mean title length
     train_rows_per_s: float | None = None
-    train_seconds: float | None = None
+    train_seconds: float | None = None  # all stages of the row (PFT rows: the shared pre-training included)
+    last_stage_seconds: float | None = None  # the row's own fine-tuning stage (vanilla / PFT-I / PFT-S)
     samples_trained: int | None = None  # per stage
     steps: int | None = None  # per stage
     eval_s_per_sample: float | None = None
@@ -279,6 +280,7 @@ class Reproduction:
                 train_rows_per_s=(sum(s["rows_per_s"] * s["seconds"] for s in summaries) / seconds
                                   if seconds else None),
                 train_seconds=seconds or None,
+                last_stage_seconds=summaries[-1]["seconds"] if summaries else None,
                 samples_trained=summaries[-1]["samples_trained"] if summaries else None,
                 steps=summaries[-1]["steps"] if summaries else None,
                 eval_s_per_sample=beam["eval_seconds"] / max(beam["num_samples"], 1),
