@@ -51,6 +51,9 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         kwargs["max_length_q"],
         causal=True,
         scale=scaling,
+        # Training is bitwise reproducible (exact resume), as patch_embed's default backward is: flash-attn's
+        # default backward accumulates dq with atomics. It changes nothing without a backward.
+        deterministic=True,
         # The packer's offsets are checked once per batch (PackedLlama.forward); re-checking them in every
         # layer would cost a device sync per layer.
         validate=False,

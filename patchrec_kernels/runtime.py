@@ -5,10 +5,15 @@ Kept apart from the ops so that every op makes the same choice for the same tens
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import functools
+import importlib
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 try:  # triton is a Linux-only dependency; the ops fall back to their references without it
     import triton  # noqa: F401
@@ -17,9 +22,38 @@ try:  # triton is a Linux-only dependency; the ops fall back to their references
 except ImportError:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
-# flash-attn is an optional extra (`pip install "patchrec[gpu]"`). Only look for it here: importing it
-# pulls CUDA extensions, so the import itself happens lazily in the attention op.
-HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot be used in this process, or None when it imports.
+
+    flash-attn is an optional extra (`pip install "patchrec[gpu]"`) whose CUDA extension is built against one
+    torch: installed next to another torch, the package exists but its import fails (undefined symbols). So
+    the import itself is tried, once per process and only when first needed (it loads CUDA code), and a
+    failure is logged with its reason so that ``backend="auto"`` visibly falls back.
+    """
+    try:
+        importlib.import_module("flash_attn").flash_attn_varlen_func  # noqa: B018
+    except ModuleNotFoundError as error:
+        if error.name == "flash_attn":
+            return "the flash-attn package is not installed"
+        return _flash_attn_broken(error)  # flash-attn is there, one of its own imports is not
+    except Exception as error:  # ImportError, OSError (a missing .so), RuntimeError, AttributeError...
+        return _flash_attn_broken(error)
+    return None
+
+
+def _flash_attn_broken(error: Exception) -> str:
+    reason = f"flash-attn is installed but does not import ({type(error).__name__}: {error})"
+    logger.warning("%s; varlen_attention falls back to torch's varlen attention or the reference", reason)
+    return reason
+
+
+def __getattr__(name: str):
+    # HAS_FLASH_ATTN is computed on first use, so that `import patchrec_kernels` never loads flash-attn.
+    if name == "HAS_FLASH_ATTN":
+        return flash_attn_problem() is None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def triton_interpret() -> bool:
@@ -55,3 +89,13 @@ def validation_enabled(validate: bool | None) -> bool:
     if validate is not None:
         return bool(validate)
     return os.environ.get("PATCHREC_KERNELS_VALIDATE", "1") not in ("", "0")
+
+
+def launch_device(tensor: torch.Tensor):
+    """The context to launch a Triton kernel on ``tensor`` in.
+
+    Triton launches on the current CUDA device (and its current stream), not on the device of the tensors it
+    is given: a tensor on ``cuda:1`` while ``cuda:0`` is current would be read by a kernel running on the
+    wrong GPU. CPU tensors (the interpreter) need no device.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

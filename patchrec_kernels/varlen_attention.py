@@ -22,7 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from patchrec_kernels.runtime import HAS_FLASH_ATTN, validation_enabled
+from patchrec_kernels import runtime
+from patchrec_kernels.runtime import validation_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ BACKENDS = ("flash_attn", "torch", "reference")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 _FUSED_MAX_HEAD_DIM = 256
 _FUSED_MIN_CAPABILITY = (8, 0)
+# Both flash kernels take a fast path when the longest query is 1 with GQA (and no window): q is reshaped
+# by the batch size, which fails as soon as one query sequence is empty (Dao-AILab/flash-attention #1537,
+# #1619), e.g. a beam-search step where every beam of a sample has finished. max_seqlen is an upper bound,
+# so passing at least 2 avoids that path and changes nothing else.
+_FUSED_MIN_MAX_SEQLEN_Q = 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,9 +76,7 @@ def _backend_problem(name: str, q: torch.Tensor, return_lse: bool) -> str | None
     if name == "reference":
         return None
     if name == "flash_attn":
-        if not HAS_FLASH_ATTN:
-            return "the flash-attn package is not installed"
-        return _fused_problem(q)
+        return runtime.flash_attn_problem() or _fused_problem(q)
     params = _torch_varlen_params()
     if params is None:
         return "this torch has no torch.nn.attention.varlen.varlen_attn"
@@ -218,19 +222,32 @@ def _lse_token_major(
     return lse.masked_fill(lse == math.inf, -math.inf).contiguous()
 
 
-def _flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def _flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, deterministic):
     from flash_attn import flash_attn_varlen_func
 
     out, lse, *_ = flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max_q, max_k,
         dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True,
+        deterministic=deterministic,
     )  # fmt: skip
     return out, lse
 
 
-def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, want_lse):
+@functools.lru_cache(maxsize=1)
+def _warn_torch_backward_not_deterministic() -> None:
+    logger.warning(
+        "varlen_attention(deterministic=True) on the torch backend: torch's flash backward is deterministic "
+        "only under torch.use_deterministic_algorithms(True); gradients may differ in their low bits"
+    )
+
+
+def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, want_lse, deterministic):
     from torch.nn.attention import varlen as torch_varlen
 
+    # torch's varlen_attn has no per-call switch: its backward reads the global deterministic flag.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if deterministic and needs_grad and not torch.are_deterministic_algorithms_enabled():
+        _warn_torch_backward_not_deterministic()
     params = _torch_varlen_params()
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -280,6 +297,7 @@ def varlen_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
     backend: str = "auto",
     validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -299,6 +317,10 @@ def varlen_attention(
             packing of keys (e.g. continuations to a cached prompt); default: the keys are packed like q.
         max_seqlen_k: the longest key sequence; computed from ``cu_seqlens_k`` (a device sync) when omitted.
         return_lse: also return the log-sum-exp.
+        deterministic: a bitwise-reproducible backward. flash-attn gets ``deterministic=True`` (its default
+            backward accumulates dq with atomics); torch's varlen backward follows
+            ``torch.use_deterministic_algorithms`` instead (a warning says so when that is off); the
+            reference is deterministic anyway.
         backend: "auto", "flash_attn", "torch" or "reference" (see ``resolve_varlen_backend``).
         validate: run the value checks that read the offsets (a device sync); None follows
             ``PATCHREC_KERNELS_VALIDATE`` (on by default).
@@ -326,20 +348,22 @@ def varlen_attention(
         )  # fmt: skip
         return (out, lse.detach()) if return_lse else out
 
-    cu_q = cu_seqlens.to(torch.int32)  # both flash kernels index with int32
-    cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32)
+    # Both flash kernels read dense int32 offsets: a strided int32 view would be passed through unchanged.
+    cu_q = cu_seqlens.to(torch.int32).contiguous()
+    cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32).contiguous()
+    max_q = max(max_seqlen, _FUSED_MIN_MAX_SEQLEN_Q)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # Rows with no visible key only exist with a separate key packing; only then is the lse needed to find
     # and zero them, so the plain self-attention path stays as cheap as the kernel.
     need_lse = return_lse or cu_seqlens_k is not None
     if name == "flash_attn":
-        out, lse = _flash_attn_forward(q, k, v, cu_q, cu_k, max_seqlen, max_seqlen_k, causal, scale)
+        out, lse = _flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_seqlen_k, causal, scale, deterministic)
     else:
         # An older torch without return_aux only gets here without return_lse (see _backend_problem); it
         # then relies on the kernel's own zero output for rows with no key.
         need_lse = need_lse and "return_aux" in _torch_varlen_params()
         out, lse = _torch_varlen_forward(
-            q, k, v, cu_q, cu_k, max_seqlen, max_seqlen_k, causal, scale, need_lse
+            q, k, v, cu_q, cu_k, max_q, max_seqlen_k, causal, scale, need_lse, deterministic
         )
     if not need_lse:
         return out

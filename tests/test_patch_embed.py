@@ -7,8 +7,10 @@ the CPU shapes are tiny; the large, realistic shapes are in the ``gpu``-marked t
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import inspect
+import types
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 import patchrec_kernels.reference.patch_embed as ref_module
 from patchrec_kernels.patch_embed import patch_embed, patch_embed_bwd, patch_embed_fwd
 from patchrec_kernels.reference.patch_embed import patch_embed_reference
+from patchrec_kernels.runtime import launch_device
 
 # The package re-exports the op under the module's name, so fetch the module itself.
 pe_module = importlib.import_module("patchrec_kernels.patch_embed")
@@ -220,6 +223,69 @@ def test_launchers_refuse_an_unusable_out_buffer(kernel_device):
         patch_embed_fwd(*batch, out=torch.empty(8, len(MIXED_ROWS), device=kernel_device).t())
     with pytest.raises(ValueError, match="^out"):
         patch_embed_bwd(random_grad(batch), *batch.args[1:], 13, out=torch.empty(13, 8, dtype=torch.float16))
+
+
+def test_block_d_pads_d_the_least():
+    # (D, block): one block up to 64 columns; above, the widest of 256/128/64 with the fewest padded lanes.
+    cases = [(1, 1), (5, 8), (64, 64), (67, 128), (123, 128), (200, 256), (576, 64), (896, 128), (960, 64),
+             (2048, 256), (2304, 256), (4096, 256)]  # fmt: skip
+    assert [(dim, pe_module._block_d(dim)) for dim in (d for d, _ in cases)] == cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_d_block(kernel_device, monkeypatch, dtype):
+    """D = 576 as nine 64-wide blocks (the choice) or three 256-wide ones (the former): each column sums the
+    same tokens in the same order, so forward and both backward modes agree bit for bit."""
+    batch = make_batch(MIXED_ROWS, 21, 576, dtype=dtype, device=kernel_device, seed=47, id_dtype=torch.int32)
+    grad_out = random_grad(batch)
+
+    def run():
+        grads = [patch_embed_bwd(grad_out, *batch.args[1:], 21, deterministic=d) for d in (True, False)]
+        return [patch_embed_fwd(*batch.args), *grads]
+
+    assert pe_module._block_d(576) == 64
+    chosen = run()
+    monkeypatch.setattr(pe_module, "_block_d", lambda dim: 256)
+    for new, old in zip(chosen, run(), strict=True):
+        assert torch.equal(new, old)
+    assert_one_ulp(chosen[0], patch_embed_reference(*batch.args))
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each launcher enters its data's device first."""
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def spy_device(tensor):
+        entered.append(tensor)
+        yield
+        entered.pop()
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, list(entered), args[0]))
+
+    kernels = ["_patch_embed_fwd_kernel", "_patch_embed_bwd_sorted_kernel", "_patch_embed_bwd_atomic_kernel"]
+    monkeypatch.setattr(pe_module, "launch_device", spy_device)
+    for name in kernels:
+        monkeypatch.setattr(pe_module, name, Stub(name))
+    batch = make_batch(MIXED_ROWS, 9, 16, seed=53)
+    patch_embed_fwd(*batch.args)
+    for deterministic in (True, False):
+        patch_embed_bwd(random_grad(batch), *batch.args[1:], 9, deterministic=deterministic)
+    assert [name for name, _, _ in launched] == kernels
+    # Inside exactly one device context, entered for the tensor the kernel reads first.
+    assert all(len(inside) == 1 and inside[0] is first for _, inside, first in launched)
+
+
+def test_launch_device_is_the_tensors_cuda_device():
+    assert isinstance(launch_device(torch.zeros(1)), contextlib.nullcontext)
+    on_gpu1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    context = launch_device(on_gpu1)
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -519,3 +585,44 @@ def test_gpu_fp32_thousands_of_text_rows():
     out = patch_embed(*batch, backend="triton")
     torch.testing.assert_close(out, patch_embed_reference(*batch), rtol=1e-5, atol=1e-6)
     assert torch.equal(out[:5000], batch.weight[batch.token_ids[:5000]])
+
+
+@pytest.mark.gpu
+def test_gpu_table_beyond_two_to_the_31_elements():
+    """64-bit addressing: V * D > 2^31 elements, ids near the end of the table (offsets past int32)."""
+    vocab, dim = 1_100_000, 2048
+    assert vocab * dim > 2**31
+    rows = [[1]] * 40 + [[7], [3, 5, 2]] * 10
+    gen = torch.Generator().manual_seed(59)
+    ids = torch.randint(vocab - 50_000, vocab, (sum(map(sum, rows)),), generator=gen)
+    ids[::7] = torch.arange(ids[::7].numel())  # and a few from the start of the table
+    small = make_batch(rows, 1, 1, device="cuda", id_dtype=torch.int32, token_ids=ids)
+    weight = torch.randn(vocab, dim, device="cuda", dtype=torch.bfloat16)
+    batch = small._replace(weight=weight)
+    out = patch_embed(*batch, backend="triton")
+    assert_one_ulp(out, patch_embed_reference(*batch))
+
+    # The gradient rows of the ids used, against the reference over the compacted table of those rows.
+    used, compact_ids = torch.unique(batch.token_ids, return_inverse=True)
+    compact = batch._replace(weight=weight[used.long()], token_ids=compact_ids.to(torch.int32))
+    grad_out = random_grad(batch)
+    expected = reference_grad(compact, grad_out)
+    for deterministic in (True, False):
+        grad = patch_embed_bwd(grad_out, *batch.args[1:], vocab, deterministic=deterministic)
+        assert_one_ulp(grad[used.long()], expected)
+        assert torch.count_nonzero(grad).item() == torch.count_nonzero(grad[used.long()]).item()
+        del grad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    batch = make_batch(MIXED_ROWS, 300, 576, dtype=torch.bfloat16, device="cuda:1", seed=61)
+    grad_out = random_grad(batch)
+    with torch.cuda.device(0):
+        out = patch_embed(*batch, backend="triton")
+        grads = [patch_embed_bwd(grad_out, *batch.args[1:], 300, deterministic=d) for d in (True, False)]
+    assert out.device == torch.device("cuda", 1)
+    assert_one_ulp(out, patch_embed_reference(*batch))
+    for grad in grads:
+        assert_one_ulp(grad, reference_grad(batch, grad_out))
