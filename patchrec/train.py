@@ -23,18 +23,21 @@ Output directory::
 Exact resume. The samples of step ``s`` and their random plans are a pure function of (seed, s), so a
 checkpoint stores the step only; with the optimizer, scheduler and RNG states restored, the resumed run
 repeats the uninterrupted run's losses.
+
+Several processes (``torchrun``, ``patchrec.distributed`` / ``patchrec.parallel``). Every rank plans the whole
+step, takes a contiguous part of its samples balanced by packed rows and accumulates its own micro-batches;
+each rank's loss is divided by the answer tokens of the WHOLE step and gradients are summed over ranks, so the
+gradient, the losses and the schedule are those of one process with the same ``batch_size``. Rank 0 writes
+the logs, checkpoints and the final model; checkpoints hold the full model and the full optimizer state in
+the single-process layout, so a run resumes on any world size (and in either mode).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,21 +48,49 @@ import torch
 from transformers import set_seed
 
 from patchrec.backbone import has_tokenizer, is_gguf
+from patchrec.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    save_model_dir,
+    set_rng_states,
+    write_atomic_text,
+)
 from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
 from patchrec.data.synthetic import SyntheticConfig
+from patchrec.distributed import (
+    DistContext,
+    StepShard,
+    distributed,
+    evaluate_sharded,
+    quiet_unless_main,
+    shard_step,
+)
 from patchrec.model import PRESETS as MODEL_PRESETS
 from patchrec.model import PackedLlama
 from patchrec.pack import PackedBatch, iter_batches
+from patchrec.parallel import (
+    accumulating,
+    clip_grad_norm,
+    full_optimizer_state,
+    gather_full_model,
+    load_optimizer_state,
+    loss_scale,
+    param_groups,
+    resolve_mode,
+    unwrap,
+    wrap,
+)
 from patchrec.plan import Planner, evaluation_plan, make_planner
 from patchrec.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
 from patchrec.train_config import TrainConfig
 
-STATE_FILE = "trainer_state.pt"
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = {"halt_after", "progress", "val_every", "val_samples", "log_every", "save_every",
-                      "keep_checkpoints", "device", "out", "tokenizer", "max_rows", "save_dtype"}
+                      "keep_checkpoints", "device", "out", "tokenizer", "max_rows", "save_dtype", "parallel",
+                      "dist_timeout"}
 
 
 @dataclass
@@ -75,6 +106,8 @@ class TrainResult:
     samples_per_s: float = 0.0  # training sequences (views) per second
     seconds: float = 0.0  # training time of this call (steps incl. packing; no validation or saving)
     samples_trained: int = 0  # training samples of this call's steps (a two-view sample counts once)
+    rank: int = 0  # this process's rank (torchrun); only rank 0 writes files
+    world_size: int = 1  # processes that trained together
 
     @property
     def final_loss(self) -> float:
@@ -157,115 +190,29 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed + 7919 * epoch
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------------
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (``checkpoints/latest``), or None."""
-    pointer = Path(out) / "checkpoints" / "latest"
-    if pointer.is_file():
-        path = pointer.parent / pointer.read_text().strip()
-        if (path / STATE_FILE).is_file():
-            return path
-    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` directory to ``final`` (a rename: readers see old or new, never half)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def save_model_dir(
-    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None,
-    dtype: torch.dtype | None = None,
-) -> None:  # fmt: skip
-    """Model (its tensors cast to ``dtype`` when given) + tokenizer (and whatever ``extra`` writes into the
-    directory), written to a temporary directory first and then renamed to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, dtype=dtype)
-    tokenizer.save_pretrained(str(tmp))
-    if extra is not None:
-        extra(tmp)
-    _publish_dir(tmp, path)
-
-
-def rng_states() -> dict[str, Any]:
-    # numpy's state is stored as plain values and a tensor so that the checkpoint loads with
-    # torch.load(weights_only=True): no pickled objects are ever unpickled.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
-    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(
-    out: Path, model, tokenizer, optimizer, scheduler, position: dict[str, int], keep: int
-) -> Path:
-    """Write ``checkpoints/step-N`` atomically, point ``checkpoints/latest`` at it, drop old checkpoints.
-
-    Everything goes into a hidden temporary directory first; only a complete directory is renamed into place
-    and only then does ``latest`` move, so a crash at any point leaves the previous checkpoint usable."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{position['step']:06d}"
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(),
-             "position": dict(position)}
-
-    def write_state(tmp: Path) -> None:
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / "state.json").write_text(json.dumps(position) + "\n")
-
-    save_model_dir(root / name, model, tokenizer, extra=write_state)
-    _write_atomic_text(root / "latest", name + "\n")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return root / name
-
-
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    # Tensors, numbers, strings and containers only (see rng_states): no arbitrary unpickling.
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-
-
 # ---- validation --------------------------------------------------------------------------------------------
-def validate(model: PackedLlama, tokens: TokenizedDataset, samples: Samples, planner: Planner) -> dict | None:
-    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.evaluate`` is not installed."""
+def validate(
+    model: PackedLlama, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
+    ctx: DistContext | None = None, mode: str | None = None, device: torch.device | None = None,
+) -> dict | None:  # fmt: skip
+    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.evaluate`` is not installed.
+
+    Under torchrun every rank ranks a shard (a collective: all ranks call it); FSDP first gathers a full
+    copy of the weights on every rank (evaluation runs a different number of forwards on each rank, which
+    per-layer all-gathers would not survive)."""
     try:
-        from patchrec.evaluate import evaluate
+        import patchrec.evaluate  # noqa: F401
     except ImportError:
         return None
-    model.eval()
+    ctx = ctx or DistContext()
+    eval_model = gather_full_model(model, mode, device or torch.device("cpu"), all_ranks=True)
+    eval_model.eval()
     try:
         with torch.no_grad():
-            result = evaluate(model, tokens, samples, planner=planner, ranking="exact", ks=(10, 20),
-                              progress=False)
+            result = evaluate_sharded(eval_model, tokens, samples, ctx, planner=planner, ranking="exact",
+                                      ks=(10, 20), progress=False)  # fmt: skip
     finally:
-        model.train()
+        eval_model.train()
     return {k: float(v) for k, v in result.metrics.items()}
 
 
@@ -295,7 +242,7 @@ def _trim_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    _write_atomic_text(path, "".join(ln + "\n" for ln in lines))
+    write_atomic_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -309,18 +256,45 @@ def total_steps_of(config: TrainConfig, num_samples: int) -> int:
     return config.epochs * steps_per_epoch(num_samples, config.batch_size)
 
 
+def step_samples(config: TrainConfig, num_samples: int, step: int) -> tuple[np.ndarray, int]:
+    """Sample indices of optimizer step ``step`` (0-based): ``batch_size`` samples of the epoch's seeded
+    permutation, and the seed of their random plans (a function of (seed, step))."""
+    per_epoch = steps_per_epoch(num_samples, config.batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = _epoch_order(num_samples, epoch_seed(config.seed, epoch))
+    ids = order[within * config.batch_size : (within + 1) * config.batch_size]
+    return ids, epoch_seed(config.seed, epoch) * 1_000_003 + within
+
+
 def step_micro_batches(
     config: TrainConfig, samples: Samples, planner: Planner, tokens: TokenizedDataset, step: int, total: int
 ) -> list[PackedBatch]:
-    """The micro-batches of optimizer step ``step`` (0-based): ``batch_size`` samples of the epoch's seeded
-    permutation, their random plans seeded by (seed, step) and drawn with curriculum ``p = step / total``."""
-    per_epoch = steps_per_epoch(len(samples), config.batch_size)
-    epoch, within = divmod(step, per_epoch)
-    order = _epoch_order(len(samples), epoch_seed(config.seed, epoch))
-    ids = order[within * config.batch_size : (within + 1) * config.batch_size]
-    return list(iter_batches(samples, planner, tokens, config.max_rows, order=ids,
-                             seed=epoch_seed(config.seed, epoch) * 1_000_003 + within,
+    """The micro-batches of optimizer step ``step`` (0-based): ``step_samples``, their random plans drawn with
+    curriculum ``p = step / total``."""
+    ids, seed = step_samples(config, len(samples), step)
+    return list(iter_batches(samples, planner, tokens, config.max_rows, order=ids, seed=seed,
                              progress=step / total))  # fmt: skip
+
+
+def step_work(
+    config: TrainConfig, samples: Samples, planner: Planner, tokens: TokenizedDataset, step: int, total: int,
+    ctx: DistContext, mode: str | None,
+) -> StepShard:  # fmt: skip
+    """This process's micro-batches of step ``step`` and the whole step's counts: the single-process step, or
+    this rank's share of it (``patchrec.distributed.shard_step``)."""
+    if mode is None:
+        micro = step_micro_batches(config, samples, planner, tokens, step, total)
+        rows = sum(b.num_rows for b in micro)
+        return StepShard(
+            batches=micro, weights=[1.0] * len(micro), rows=rows,
+            num_labels=sum(int(b.label_ids.numel()) for b in micro),
+            tokens=sum(int(b.token_ids.numel()) for b in micro),
+            sequences=sum(b.num_sequences for b in micro), micro_batches=len(micro), rank_rows=[rows],
+        )  # fmt: skip
+    ids, seed = step_samples(config, len(samples), step)
+    return shard_step(samples, planner, tokens, ids, seed=seed, progress=step / total,
+                      max_rows=config.max_rows, rank=ctx.rank, world_size=ctx.world_size,
+                      equal_counts=mode == "fsdp")  # fmt: skip
 
 
 @lru_cache(maxsize=2)
@@ -337,28 +311,45 @@ def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | N
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run one stage (see the module docstring); ``resume`` resumes from the newest checkpoint of ``out``."""
+    """Run one stage (see the module docstring); ``resume`` resumes from the newest checkpoint of ``out``.
+
+    Under torchrun (``WORLD_SIZE`` set) the process group is set up for the run and torn down after it."""
     config.validate()
+    device = resolve_device(config.device)
+    with distributed(config.dist_timeout, device.type) as ctx:
+        if ctx.active and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+        quiet_unless_main(ctx)
+        return _train(config, resume, ctx, device)
+
+
+def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.device) -> TrainResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
     if config.dtype == "bf16" and device.type != "cuda":
         raise ValueError("dtype bf16 autocast is CUDA-only here; use dtype auto or fp32 on CPU")
     # bf16 autocast with fp32 master weights on CUDA (the released runs train in bf16); CPU stays fp32.
     use_bf16 = device.type == "cuda" and config.dtype in ("auto", "bf16")
+    mode = resolve_mode(config.parallel, ctx)
+    main = ctx.is_main
 
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resume_config(out, config)
-        if checkpoint is None:
+        if checkpoint is None and main:
             print(f"patchrec train: no checkpoint in {out}, starting from scratch", file=sys.stderr)
+    ctx.barrier()  # every rank has read the run directory before rank 0 writes to it
     set_seed(config.seed)
     dataset = load_dataset(config)
     init_dir = resolve_model_dir(config.init)
-    tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
+    if main:  # rank 0 trains the title BPE (when one is needed); the others then load it
+        tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
+    ctx.barrier()
+    if not main:
+        tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
     tokenizer = load_tokenizer(tok_dir)
     tokens = tokenize_dataset(tokenizer, dataset)
-    if checkpoint is None:
+    if checkpoint is None and main:
         (out / "log.jsonl").unlink(missing_ok=True)
         config.replace(tokenizer=str(tok_dir)).to_json(out / "train_config.json")
 
@@ -369,14 +360,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p)
     model = _load_model(config, init_dir, checkpoint, tokens.vocab_size)
     model.to(device).train()
+    # FSDP computes in bf16 through its MixedPrecisionPolicy, the other modes through autocast.
+    model = wrap(model, mode, ctx, device, bf16=use_bf16)
+    autocast = use_bf16 and mode != "fsdp"
     total_steps = total_steps_of(config, len(train_samples))
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: decaying them hurts
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-    )
+    groups, param_names = param_groups(unwrap(model), config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
@@ -384,42 +374,61 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     position = {"step": 0}
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"], mode, param_names)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
         position = {"step": int(state["position"]["step"])}
-        _trim_log(out / "log.jsonl", position["step"])
+        if main:
+            _trim_log(out / "log.jsonl", position["step"])
 
     val_samples = None
     if config.val_every > 0:
         val_all = make_samples(dataset, "val", config.max_items)
         val_samples = random_subset(val_all, config.val_samples, config.seed + 1) if len(val_all) else None
 
-    result = TrainResult(out, None, position["step"], total_steps)
+    result = TrainResult(out, None, position["step"], total_steps, rank=ctx.rank, world_size=ctx.world_size)
     log_path = out / "log.jsonl"
+    info = {"world_size": ctx.world_size, "parallel": mode or "none"}
+
+    def save_step() -> None:
+        # FSDP gathers on every rank (collectives); rank 0 writes; the others wait until it is on disk.
+        plain = gather_full_model(model, mode, device, all_ranks=False)
+        optimizer_state = full_optimizer_state(model, optimizer, mode, param_names)
+        if main:
+            save_checkpoint(out, plain, tokenizer, optimizer_state, scheduler, position,
+                            config.keep_checkpoints, info)  # fmt: skip
+        ctx.barrier()
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=position["step"], desc=f"train {config.stage}",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not (config.progress and main), dynamic_ncols=True)
+    scale = loss_scale(mode, ctx)
     rows_done = tokens_done = seqs_done = samples_done = 0
     train_seconds = 0.0
     halted = False
     while position["step"] < total_steps:
         step_start = time.perf_counter()  # packing included: it is part of the training cost
-        micro = step_micro_batches(config, train_samples, planner, tokens, position["step"], total_steps)
-        # Weight every answer token of the step equally: sum over micro-batches / all answer tokens of the
-        # step, so accumulation gives the gradient of one batch of all of them.
-        n_labels = sum(int(b.label_ids.numel()) for b in micro)
+        work = step_work(config, train_samples, planner, tokens, position["step"], total_steps, ctx, mode)
+        # Weight every answer token of the step equally: sum over micro-batches (and ranks) / all answer
+        # tokens of the step, so accumulation gives the gradient of one batch of all of them.
         loss_sum = 0.0
-        for batch in micro:
+        last = len(work.batches) - 1
+        for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out_b = model(batch)
-            loss = out_b.label_loss.sum() / n_labels
-            loss.backward()
-            loss_sum += float(loss.detach())
+            with accumulating(model, mode, sync=i == last):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out_b = model(batch)
+                loss = out_b.label_loss.sum() / work.num_labels
+                # DDP / FSDP average gradients over ranks: scale by the world size to sum them; a filler
+                # (weight 0) only takes part in the collectives.
+                factor = scale * weight
+                (loss if factor == 1.0 else loss * factor).backward()
+            loss_sum += float(loss.detach()) * weight
+        if mode is not None:
+            loss_sum = ctx.all_reduce_sum([loss_sum])[0]
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grad_norm = clip_grad_norm(model, clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -428,34 +437,37 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         step = position["step"]
         result.step_losses[step] = loss_sum
 
-        rows = sum(b.num_rows for b in micro)
-        toks = sum(int(b.token_ids.numel()) for b in micro)
-        seqs = sum(b.num_sequences for b in micro)
-        step_samples = seqs // planner.views
+        rows, toks, seqs = work.rows, work.tokens, work.sequences
+        step_samples_n = seqs // planner.views
         rows_done, tokens_done, seqs_done = rows_done + rows, tokens_done + toks, seqs_done + seqs
-        samples_done += step_samples
+        samples_done += step_samples_n
         step_s = max(time.perf_counter() - step_start, 1e-9)
         # Rates count training time only: validation and checkpoint writes are left out.
         train_seconds += step_s
         elapsed = train_seconds
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", rows_s=f"{rows / step_s:.0f}")
-        if step % max(config.log_every, 1) == 0 or step == total_steps:
-            _log(log_path, {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                            "samples": step_samples, "micro_batches": len(micro), "rows": rows,
-                            "sequences": seqs, "rows_per_s": rows_done / elapsed,
-                            "tokens_per_s": tokens_done / elapsed, "train_s": elapsed})  # fmt: skip
+        if main and (step % max(config.log_every, 1) == 0 or step == total_steps):
+            entry = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                     "samples": step_samples_n, "micro_batches": work.micro_batches, "rows": rows,
+                     "sequences": seqs, "rows_per_s": rows_done / elapsed,
+                     "tokens_per_s": tokens_done / elapsed, "train_s": elapsed}  # fmt: skip
+            if mode is not None:
+                entry["rank_rows"] = work.rank_rows
+            _log(log_path, entry)
         if val_samples is not None and step % config.val_every == 0:
-            metrics = validate(model, tokens, val_samples, val_planner(config))
+            metrics = validate(model, tokens, val_samples, val_planner(config), ctx=ctx, mode=mode,
+                               device=device)  # fmt: skip
             if metrics is not None:
                 entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
                 result.val_metrics.append(entry)
-                _log(log_path, entry)
-                bar.write(f"step {step} validation: " + "  ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
+                if main:
+                    _log(log_path, entry)
+                    bar.write(f"step {step} validation: " + "  ".join(
+                        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
         halted = bool(config.halt_after) and config.halt_after <= step < total_steps
         if (config.save_every and step % config.save_every == 0) or halted:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, position, config.keep_checkpoints)
+            save_step()
         if halted:
             break
     bar.close()
@@ -468,5 +480,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         result.samples_per_s = seqs_done / train_seconds
     if not halted:
         result.model_dir = out / "model"
-        save_model_dir(result.model_dir, model, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
+        plain = gather_full_model(model, mode, device, all_ranks=False)
+        if main:
+            save_model_dir(result.model_dir, plain, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
+        ctx.barrier()
     return result

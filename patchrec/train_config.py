@@ -7,6 +7,9 @@ its two views); they are packed into token-budget micro-batches of at most ``max
 are accumulated, so ``max_rows`` only trades memory for speed and never changes what is computed.
 Parameters and optimizer state are fp32 (master weights) whatever the checkpoint's dtype; ``dtype`` only
 sets the compute (bf16 autocast on CUDA).
+
+Under ``torchrun`` a step is still ``batch_size`` samples in total, split over the ranks by packed rows
+(``patchrec.distributed``), so the global batch, the losses and the schedule do not depend on the world size.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout")
 DTYPES = ("auto", "bf16", "fp32")
 SAVE_DTYPES = ("fp32", "bf16")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -66,7 +70,10 @@ class TrainConfig:
     dtype: str = "auto"  # autocast: auto = bf16 on CUDA and fp32 on CPU; bf16 (CUDA only); fp32
     device: str = "auto"  # auto = cuda when available, else cpu
     save_dtype: str = "fp32"  # dtype of the final saved model (checkpoints stay fp32 for exact resume)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (rank 0 only under torchrun)
+    # ---- several processes (torchrun; a single process ignores these) -----------------------------------
+    parallel: str = "auto"  # auto = ddp (DistributedDataParallel) | fsdp (FSDP2: sharded weights/grads/AdamW)
+    dist_timeout: float = 1800.0  # seconds any collective may wait: a dead or stuck rank fails the job
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +87,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
         positive = ("lr", "batch_size", "max_rows", "max_items", "keep_checkpoints")

@@ -18,6 +18,10 @@ A flag that contradicts the saved value is an error unless ``--force``. Without 
 vanilla, 5, 5, 100. The results JSON records where each value came from.
 
 Writes ``patchrec.metrics.write_results`` JSON (metrics, K list, masking flag, ranking, plan, raw ranks).
+
+Several GPUs or machines: ``torchrun --nproc-per-node N -m patchrec eval ...`` gives each rank a full copy of
+the model and a contiguous shard of the samples; rank 0 gathers the ranks (in sample order) and writes the
+one results file, the same as a single process would (up to float rounding in scores).
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--out", required=True, help="results JSON file")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--dist-timeout", type=float, default=1800.0,
+                    help="under torchrun: seconds a collective may wait before the job fails (default 1800)")
     parser.set_defaults(run=run)
     return parser
 
@@ -142,8 +148,21 @@ def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[st
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from patchrec.distributed import distributed, quiet_unless_main
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with distributed(args.dist_timeout, device.type) as ctx:
+        if ctx.active and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+        quiet_unless_main(ctx)
+        return _run(args, ctx, device)
+
+
+def _run(args: argparse.Namespace, ctx, device) -> int:
+    import torch
+
     from patchrec.data.dataset import make_samples
-    from patchrec.evaluate import evaluate
+    from patchrec.distributed import evaluate_sharded
     from patchrec.metrics import write_results
     from patchrec.model import PackedLlama
     from patchrec.plan import make_planner
@@ -156,7 +175,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-items must be >= 1, got {max_items}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
     tokenizer_dir = args.tokenizer or str(model_dir)
@@ -171,17 +189,19 @@ def run(args: argparse.Namespace) -> int:
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")
     planner = make_planner(plan, k=settings["k"], g=settings["g"])
-    res = evaluate(
-        model, tokens, samples, planner=planner, ranking=args.ranking, ks=DEFAULT_KS,
+    res = evaluate_sharded(
+        model, tokens, samples, ctx, planner=planner, ranking=args.ranking, ks=DEFAULT_KS,
         mask_history=args.mask_history, max_rows=args.max_rows, limit=args.limit,
         progress=not args.no_progress, beams=args.beams, groups=args.groups, diversity=args.diversity,
         protocol=args.protocol,
     )  # fmt: skip
+    if not ctx.is_main:
+        return 0
     config = {
         "model": args.model, "model_dir": str(model_dir), "tokenizer": tokenizer_dir, "data": args.data,
         "split": args.split, "max_items": max_items, "plan": plan, "k": settings["k"], "g": settings["g"],
         "settings_from": origin, "limit": args.limit, "dtype": dtype_name, "device": str(device),
-        **res.config,
+        "world_size": ctx.world_size, **res.config,
     }  # fmt: skip
     extra = {"ranking": res.ranking, "plan": plan, "eval_seconds": res.seconds,
              "seconds_per_sample": res.seconds / max(res.num_samples, 1),

@@ -15,6 +15,13 @@ micro-batches of ``--max-rows`` rows; weights and optimizer state are fp32 (``--
 ``--resume`` continues from the newest checkpoint in ``--out`` and reproduces the uninterrupted run. Writes
 ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into
 ``--out``.
+
+Several GPUs or machines: launch the same command with ``torchrun`` (``torchrun --nproc-per-node 8 -m
+patchrec train ...``; add ``--nnodes`` and a rendezvous for several machines). ``--parallel ddp`` (default)
+keeps a replica per GPU, ``--parallel fsdp`` shards weights, gradients and AdamW state (FSDP2). A step is
+still ``--batch-size`` samples in total, split over the ranks by packed rows, so the losses do not depend
+on the number of processes and ``--resume`` works on any number of them. ``--out`` must be on a filesystem
+every machine sees.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ _OVERRIDES = ("k", "g", "p", "init", "tokenizer", "tokenizer_vocab", "max_items"
               "synthetic_interests", "synthetic_long_term_share", "lr",
               "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
               "seed", "val_every", "val_samples", "val_plan", "log_every", "save_every", "keep_checkpoints",
-              "halt_after", "dtype", "device", "save_dtype")
+              "halt_after", "dtype", "device", "save_dtype", "parallel", "dist_timeout")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -100,6 +107,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="dtype of the final saved model (default fp32; checkpoints are always fp32)")
     run.add_argument("--device", default=None, help="cuda, cpu or auto (default)")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    dist = parser.add_argument_group("several processes (under torchrun)")
+    dist.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default=None,
+                      help="ddp (auto: a full replica per rank) or fsdp (FSDP2: weights, gradients and "
+                           "AdamW state sharded per decoder layer); ignored by a single process")
+    dist.add_argument("--dist-timeout", type=float, default=None,
+                      help="seconds a collective may wait before the job fails (default 1800)")
     parser.set_defaults(run=run_command)
     return parser
 
@@ -116,8 +129,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     result = train(config, resume=args.resume)
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return 0
     done = "finished" if result.model_dir is not None else "halted (resume with --resume)"
-    print(f"{done} at step {result.step}/{result.total_steps}: loss {result.final_loss:.4f}, "
+    ranks = f" on {result.world_size} ranks" if result.world_size > 1 else ""
+    print(f"{done} at step {result.step}/{result.total_steps}{ranks}: loss {result.final_loss:.4f}, "
           f"{result.rows_per_s:.0f} rows/s, {result.samples_per_s:.1f} sequences/s")
     if result.val_metrics:
         last = result.val_metrics[-1]

@@ -1,0 +1,126 @@
+"""Checkpoints of a training run, written atomically, in one format for every world size.
+
+``checkpoints/step-N/`` holds the full model (safetensors + config + tokenizer), ``trainer_state.pt`` (the
+full AdamW state in ``optimizer.state_dict()`` layout, scheduler, RNG states, step) and ``state.json``;
+``checkpoints/latest`` names the newest complete one. Under torchrun only rank 0 writes
+(``patchrec.parallel`` gathers what FSDP shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchrec.model import PackedLlama
+
+STATE_FILE = "trainer_state.pt"
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (``checkpoints/latest``), or None."""
+    pointer = Path(out) / "checkpoints" / "latest"
+    if pointer.is_file():
+        path = pointer.parent / pointer.read_text().strip()
+        if (path / STATE_FILE).is_file():
+            return path
+    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written ``tmp`` directory to ``final`` (a rename: readers see old or new, never half)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model_dir(
+    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:  # fmt: skip
+    """Model (its tensors cast to ``dtype`` when given) + tokenizer (and whatever ``extra`` writes into the
+    directory), written to a temporary directory first and then renamed to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, dtype=dtype)
+    tokenizer.save_pretrained(str(tmp))
+    if extra is not None:
+        extra(tmp)
+    _publish_dir(tmp, path)
+
+
+def rng_states() -> dict[str, Any]:
+    # numpy's state is stored as plain values and a tensor so that the checkpoint loads with
+    # torch.load(weights_only=True): no pickled objects are ever unpickled.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.copy()), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(
+    out: Path, model, tokenizer, optimizer_state: dict, scheduler, position: dict[str, int], keep: int,
+    info: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
+    """Write ``checkpoints/step-N`` atomically, point ``checkpoints/latest`` at it, drop old checkpoints.
+
+    ``model`` is a plain ``PackedLlama`` and ``optimizer_state`` the full ``optimizer.state_dict()``-layout
+    state (``patchrec.parallel``); ``info`` goes into ``state.json`` only (e.g. the world size).
+    Everything goes into a hidden temporary directory first; only a complete directory is renamed into place
+    and only then does ``latest`` move, so a crash at any point leaves the previous checkpoint usable."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{position['step']:06d}"
+    state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states(),
+             "position": dict(position)}
+
+    def write_state(tmp: Path) -> None:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "state.json").write_text(json.dumps(dict(position) | (info or {})) + "\n")
+
+    save_model_dir(root / name, model, tokenizer, extra=write_state)
+    write_atomic_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    # Tensors, numbers, strings and containers only (see rng_states): no arbitrary unpickling.
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+__all__ = ["STATE_FILE", "latest_checkpoint", "load_trainer_state", "rng_states", "save_checkpoint",
+           "save_model_dir", "set_rng_states"]
