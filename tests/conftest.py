@@ -41,3 +41,22 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+@pytest.fixture
+def reference_ops(monkeypatch):
+    """For tests that train or rank with real shapes on CPU: the ops' pure-PyTorch references instead of the
+    Triton interpreter (minutes otherwise: the interpreter runs a kernel element-block by element-block; the
+    ops read TRITON_INTERPRET per call)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def reference_ops_one_thread(reference_ops):
+    """``reference_ops`` with one intra-op thread: for many small steps, two OpenMP threads stall behind
+    other processes on a shared 2-core machine (measured 1 s vs 25 s for the same run); results do not
+    depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from patchrec.cli import main
 
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    # conftest turns the Triton CPU interpreter on for the kernel tests; the demo trains and ranks with the
-    # pure-PyTorch references instead (the ops read the variable per call).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the demo sets its own thread count and restores it; make sure
+# The demo trains and ranks with the pure-PyTorch references, not the Triton interpreter.
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def test_quick_demo(tmp_path, capsys):

@@ -18,6 +18,7 @@ from patchrec.pack_reference import ReferencePacker
 from patchrec.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
 from patchrec.tokens import history_text, load_tokenizer, render_prompt_text, tokenize_dataset
 
+pytestmark = pytest.mark.usefixtures("reference_ops")
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 L = 12  # history length: long enough for sessions (G = 3) and patches (K = 3), short enough for 2 cores
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import patchrec.reproduce as reproduce_module
 from patchrec.reproduce import Reproduction, Scale
@@ -15,14 +14,7 @@ SMOKE = Scale(max_items=8, batch_size=4, train_samples=12, test_samples=6, lr=1e
               max_rows=2048, baseline_minutes=0.0, why="test", baseline_epochs=2)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    # Training under the Triton interpreter would take minutes: use the references (read per call).
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
 
 
 @pytest.fixture(scope="module")

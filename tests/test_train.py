@@ -29,17 +29,7 @@ SMALL = dict(data="synthetic", synthetic_users=40, synthetic_items=60, synthetic
              synthetic_topics=6, tokenizer_vocab=300, max_items=12, max_rows=1600, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    # conftest turns the Triton CPU interpreter on for the kernel tests; training many steps under the
-    # interpreter would take minutes, and the ops read the variable per call, so use the references here.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    # One intra-op thread: on the shared 2-core machine two OpenMP threads stall behind other processes
-    # (measured 1 s vs 25 s for the same run), and results do not depend on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
 
 
 def small_config(tmp_path, name: str, **overrides) -> TrainConfig:
