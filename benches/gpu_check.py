@@ -47,8 +47,8 @@ BUDGET_S = 570
 REPORT_RESERVE_S = 45  # kept for the results step whatever the benches take
 MIN_STEP_S = 10  # a step with less time left than this is not started
 TRAIN_LENGTHS = (50, 200)
-KERNEL_TESTS = ["tests/test_patch_embed.py", "tests/test_varlen_attention.py",
-                "tests/test_varlen_attention_backends.py"]  # fmt: skip
+KERNEL_TESTS = ["tests/test_patch_embed.py", "tests/test_patch_embed_checks.py",
+                "tests/test_varlen_attention.py", "tests/test_varlen_attention_backends.py"]  # fmt: skip
 SHARED_FILES = {
     "ml-1m": "data/patchrec/ml-1m/sequences.jsonl",
     "ml-100k": "data/patchrec/ml-100k/sequences.jsonl",
