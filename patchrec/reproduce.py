@@ -159,20 +159,16 @@ class Reproduction:
         if done is not None:
             return done
         result = train(self.stage_config(stage), resume=True)  # continues an interrupted stage
-        summary = {"stage": stage, "steps": result.step, "samples_trained": result.samples_trained,
-                   "rows_per_s": result.rows_per_s, "seconds": result.seconds,
-                   "final_loss": result.final_loss}  # fmt: skip
-        if result.step != result.total_steps or result.samples_trained == 0:
-            # A resumed stage only counts the steps after the checkpoint; re-read the whole run from its log.
-            summary |= self._stage_totals(stage)
-        (self.out / "stages" / stage / "stage.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
-
-    def _stage_totals(self, stage: str) -> dict[str, Any]:
+        # Steps and samples of the whole stage come from its log (a resumed call only saw the steps after its
+        # checkpoint); the rates are this call's, and "resumed" says when they cover only part of the stage.
         lines = [json.loads(x) for x in (self.out / "stages" / stage / "log.jsonl").read_text().splitlines()]
         steps = [x for x in lines if "loss" in x]
-        return {"steps": steps[-1]["step"], "samples_trained": sum(x["samples"] for x in steps),
-                "rows_per_s": steps[-1]["rows_per_s"], "seconds": steps[-1]["train_s"]}  # fmt: skip
+        samples = sum(x["samples"] for x in steps)
+        summary = {"stage": stage, "steps": steps[-1]["step"], "samples_trained": samples,
+                   "rows_per_s": result.rows_per_s, "seconds": result.seconds,
+                   "final_loss": result.final_loss, "resumed": result.samples_trained != samples}  # fmt: skip
+        (self.out / "stages" / stage / "stage.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
 
     def test_samples(self):
         from patchrec.data.dataset import make_samples
