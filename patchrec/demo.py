@@ -1,9 +1,13 @@
 """The end-to-end demo on a fresh machine with no files: synthetic data -> title BPE -> a ``tiny`` Llama
-trained with patch pre-training then PFT-I, next to vanilla SFT with the same data budget (two passes over
-the same training samples) -> exact whole-catalog ranking on the test split, with a popularity baseline.
+trained on catalog text (``patchrec.catalog_pretrain``: what pre-training gives a real LLM, token
+embeddings that mean something, so that patches do too) -> from that backbone, with the same optimizer steps
+of the same batch size each: vanilla SFT on the full history, patch pre-training then PFT-I, and vanilla SFT
+on the newest items only (about PFT-I's history rows: the equal-compute row) -> exact whole-catalog ranking
+on the test split, next to popularity and a topic-count oracle with the full vs the short history (how much
+the old history matters).
 
-Sizes are chosen so that the full demo finishes in a few minutes on a 2-core CPU while the LLMs still have
-enough data to learn the topic structure that popularity cannot see (``--quick``: a seconds-long smoke run).
+Sizes are chosen so that the full demo finishes in about 5 minutes on a 2-core CPU (``--quick``: a
+seconds-long smoke run; ``--backbone PATH``: the same comparison from a real model at CPU-sized settings).
 """
 
 from __future__ import annotations
@@ -26,24 +30,39 @@ from patchrec.train_config import TrainConfig
 class DemoConfig:
     users: int = 800  # synthetic users
     items: int = 100  # catalog size (exact ranking scores every title)
-    mean_length: float = 20.0  # mean items per user
+    mean_length: float = 40.0  # mean items per user
     topics: int = 10  # topic clusters: what a sequence model can learn beyond popularity
     interests: int = 2  # long-lived topics per user
-    long_term_share: float = 0.9  # items drawn from them: a stable signal a small model learns quickly
-    max_items: int = 15  # history length L
+    long_term_share: float = 0.9  # items drawn from them; the rest follow a short-lived drift topic
+    max_items: int = 30  # history length L
     k: int = 5  # PFT-I: newest items kept as text
+    short_items: int = 8  # equal-compute row: vanilla on the newest items only, about PFT-I's history rows
     tokenizer_vocab: int = 2000  # title BPE: large enough that every title word is one token (fewer rows)
+    catalog_steps: int = 1000  # catalog-text stage (patchrec.catalog_pretrain); 0 = none
+    steps: int = 300  # optimizer steps of every recommender (PFT-I: patch pre-training, then PFT-I)
+    pretrain_share: float = 0.5  # PFT-I: share of the steps spent on patch pre-training
     train_samples: int = 8000  # seeded training subset, the same for every model
     lr: float = 3e-3  # tiny model from random init
     batch_size: int = 32  # samples per optimizer step, every model
     max_rows: int = 4096  # token budget per micro-batch
     test_samples: int = 300  # seeded test subset for the ranking
     seed: int = 0
+    backbone: str | None = None  # a real model (HF directory or .gguf) instead of the tiny one: no BPE,
+    # no catalog-text stage (the model is pre-trained), its own tokenizer
+
+    @classmethod
+    def for_backbone(cls, path: str) -> DemoConfig:
+        """``patchrec demo --backbone PATH``: sizes for a ~135M model on a 2-core CPU (a few minutes): few
+        steps, so it shows the pipeline running from a real model rather than a converged comparison."""
+        return cls(users=200, items=50, mean_length=24.0, topics=5, max_items=15, k=5, short_items=6,
+                   catalog_steps=0, steps=8, train_samples=1000, lr=1e-4, batch_size=8, max_rows=4096,
+                   test_samples=30, backbone=path)
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(users=60, items=40, mean_length=14.0, topics=4, max_items=10, k=3, tokenizer_vocab=300,
-                   train_samples=120, batch_size=8, max_rows=2048, test_samples=20)
+        return cls(users=60, items=40, mean_length=14.0, topics=4, max_items=10, k=3, short_items=4,
+                   tokenizer_vocab=300, catalog_steps=10, steps=10, train_samples=120, batch_size=8,
+                   max_rows=2048, test_samples=20)
 
 
 @dataclass
@@ -54,9 +73,11 @@ class DemoRow:
     rows_per_s: float | None = None  # training: packed positions per second
     samples_per_s: float | None = None  # training: sequences per second
     train_seconds: float | None = None
+    history_rows: float | None = None  # mean history rows per test sample after compression
 
 
-def _stage(demo: DemoConfig, stage: str, out: Path, init: str, epochs: int, progress: bool) -> Any:
+def _stage(demo: DemoConfig, stage: str, out: Path, init: str, steps: int, progress: bool,
+           max_items: int | None = None) -> Any:
     from patchrec.train import train
 
     config = TrainConfig(
@@ -64,9 +85,11 @@ def _stage(demo: DemoConfig, stage: str, out: Path, init: str, epochs: int, prog
         synthetic_items=demo.items, synthetic_length=demo.mean_length, synthetic_topics=demo.topics,
         synthetic_interests=demo.interests, synthetic_long_term_share=demo.long_term_share,
         synthetic_seed=demo.seed,
-        tokenizer=str(out.parent / "tokenizer"), max_items=demo.max_items, train_samples=demo.train_samples,
-        out=str(out), lr=demo.lr, weight_decay=0.01, warmup_ratio=0.05, grad_clip=1.0, epochs=epochs,
-        batch_size=demo.batch_size, max_rows=demo.max_rows, seed=demo.seed, log_every=5, progress=progress,
+        tokenizer=None if demo.backbone else str(out.parent / "tokenizer"),
+        max_items=max_items or demo.max_items,
+        train_samples=demo.train_samples, out=str(out), lr=demo.lr, weight_decay=0.01, warmup_ratio=0.05,
+        grad_clip=1.0, max_steps=steps, batch_size=demo.batch_size, max_rows=demo.max_rows, seed=demo.seed,
+        log_every=5, progress=progress,
     )  # fmt: skip
     return train(config)
 
@@ -78,12 +101,34 @@ def _combine(results: list[Any]) -> tuple[float, float, float]:
     return rows / seconds, seqs / seconds, seconds
 
 
+def topic_count_scorer(samples, topic_of_item: np.ndarray, counts: np.ndarray, last: int | None = None):
+    """A count "oracle" that knows every item's hidden topic: score = (topic count in the history, or in its
+    newest ``last`` items, + 0.5) x item popularity. Full vs short history: how much old history matters."""
+    items = samples.dataset.items
+    num_topics = int(topic_of_item.max()) + 1
+    pop = torch.as_tensor(counts, dtype=torch.float64) + 1.0
+
+    def score(index: np.ndarray) -> torch.Tensor:
+        out = torch.empty(len(index), len(pop), dtype=torch.float64)
+        for row, i in enumerate(index.tolist()):
+            start = samples.hist_start[i]
+            end = samples.target_index[i]
+            if last is not None:
+                start = max(start, end - last)
+            hist = np.bincount(topic_of_item[items[start:end]], minlength=num_topics) + 0.5
+            out[row] = torch.as_tensor(hist[topic_of_item], dtype=torch.float64) * pop
+        return out.float()
+
+    return score
+
+
 def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], int]:
     """Train and evaluate everything under ``out``; returns the table rows (also written to results.json)
     and the number of test samples ranked."""
     from patchrec.baselines.popularity import Popularity
+    from patchrec.catalog_pretrain import CatalogTextConfig, train_catalog_text
     from patchrec.data.dataset import make_samples
-    from patchrec.data.synthetic import make_synthetic
+    from patchrec.data.synthetic import item_topics, make_synthetic
     from patchrec.evaluate import evaluate
     from patchrec.metrics import rank_samples, ranking_metrics
     from patchrec.model import PackedLlama
@@ -96,57 +141,90 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
     out.mkdir(parents=True, exist_ok=True)
     dataset = make_synthetic(demo.users, demo.items, demo.mean_length, seed=demo.seed, num_topics=demo.topics,
                              interests=demo.interests, long_term_share=demo.long_term_share)
-    train_title_tokenizer(dataset.titles, out / "tokenizer", demo.tokenizer_vocab,
-                          extra_texts=[dataset.system_prompt, dataset.user_prompt])
-    tokens = tokenize_dataset(load_tokenizer(out / "tokenizer"), dataset)
+    topic_of_item = item_topics(demo.items, demo.topics, demo.seed)
+    if demo.backbone:
+        tokens = tokenize_dataset(load_tokenizer(demo.backbone), dataset)
+    else:
+        train_title_tokenizer(dataset.titles, out / "tokenizer", demo.tokenizer_vocab,
+                              extra_texts=[dataset.system_prompt, dataset.user_prompt])
+        tokens = tokenize_dataset(load_tokenizer(out / "tokenizer"), dataset)
     test = random_subset(make_samples(dataset, "test", demo.max_items), demo.test_samples, demo.seed + 2)
     ks = (10, 20)
 
-    pop_ranks = rank_samples(Popularity.fit(dataset).scorer(test), test)
-    rows = [DemoRow("popularity", ranking_metrics(pop_ranks, ks))]
+    popularity = Popularity.fit(dataset)
+    rows = [DemoRow("popularity", ranking_metrics(rank_samples(popularity.scorer(test), test), ks))]
+    n = demo.short_items
+    for name, last in ((f"topic oracle, L={demo.max_items}", None), (f"topic oracle, last {n}", n)):
+        scorer = topic_count_scorer(test, topic_of_item, np.asarray(popularity.counts), last)
+        rows.append(DemoRow(name, ranking_metrics(rank_samples(scorer, test), ks)))
 
-    # Same data budget for both LLMs: two passes over the same training subset.
-    vanilla = _stage(demo, "vanilla", out / "vanilla", "tiny", 2, progress)
-    stage1 = _stage(demo, "pretrain", out / "pretrain", "tiny", 1, progress)
-    stage2 = _stage(demo, "pft-i", out / "pft-i", str(out / "pretrain"), 1, progress)
+    # Every recommender starts from the same backbone and takes the same optimizer steps of batch_size
+    # samples.
+    backbone, catalog_seconds = demo.backbone or "tiny", None
+    if demo.catalog_steps > 0 and not demo.backbone:
+        catalog = train_catalog_text(
+            dataset.titles, topic_of_item, out / "tokenizer", out / "catalog", preset="tiny",
+            config=CatalogTextConfig(steps=demo.catalog_steps, batch_size=32, lr=demo.lr, seed=demo.seed))
+        backbone, catalog_seconds = str(catalog.model_dir), catalog.seconds
+    half = round(demo.steps * demo.pretrain_share)
+    vanilla = _stage(demo, "vanilla", out / "vanilla", backbone, demo.steps, progress)
+    stage1 = _stage(demo, "pretrain", out / "pretrain", backbone, half, progress)
+    stage2 = _stage(demo, "pft-i", out / "pft-i", str(out / "pretrain"), demo.steps - half, progress)
+    short = _stage(demo, "vanilla", out / "vanilla-short", backbone, demo.steps, progress, demo.short_items)
+    short_start = np.maximum(test.hist_start, test.target_index - demo.short_items)
+    short_test = dataclasses.replace(test, max_items=demo.short_items, _lengths=None, hist_start=short_start)
 
-    for name, plan, results in (("vanilla SFT", "vanilla", [vanilla]),
-                                (f"pretrain -> PFT-I (k={demo.k})", "pft-i", [stage1, stage2])):
+    for name, plan, results, samples in (
+        ("vanilla SFT", "vanilla", [vanilla], test),
+        (f"pretrain -> PFT-I (k={demo.k})", "pft-i", [stage1, stage2], test),
+        (f"vanilla SFT, last {demo.short_items}", "vanilla", [short], short_test),
+    ):
         planner = make_planner(plan, k=demo.k)
         model = PackedLlama.from_pretrained(results[-1].model_dir)
-        result = evaluate(model, tokens, test, planner=planner, ranking="exact", ks=ks, progress=progress)
-        before, after = history_token_counts(test, planner, tokens)
+        result = evaluate(model, tokens, samples, planner=planner, ranking="exact", ks=ks, progress=progress)
+        before, after = history_token_counts(samples, planner, tokens)
         keep = after > 0
         compression = float(np.mean(before[keep] / after[keep])) if keep.any() else 1.0
         rows_s, seqs_s, seconds = _combine(results)
-        rows.append(DemoRow(name, result.metrics, compression, rows_s, seqs_s, seconds))
+        row = DemoRow(name, result.metrics, compression, rows_s, seqs_s, seconds)
+        row.history_rows = float(np.mean(after))
+        rows.append(row)
 
     summary = {"config": dataclasses.asdict(demo), "test_samples": len(test), "ranking": "exact",
-               "mask_history": False, "rows": [dataclasses.asdict(r) for r in rows]}
+               "mask_history": False, "optimizer_steps": demo.steps, "samples_per_step": demo.batch_size,
+               "catalog_text_seconds": catalog_seconds,
+               "rows": [dataclasses.asdict(r) for r in rows]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return rows, len(test)
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    head = (f"{'model':<26} {'HR@10':>7} {'HR@20':>7} {'NDCG@10':>8} {'NDCG@20':>8} {'CR':>5} "
-            f"{'train rows/s':>12} {'train seq/s':>11} {'train s':>8}")
+    head = (f"{'model':<30} {'HR@10':>7} {'HR@20':>7} {'NDCG@10':>8} {'NDCG@20':>8} {'CR':>5} "
+            f"{'hist rows':>9} {'train rows/s':>12} {'train seq/s':>11} {'train s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def opt(value, fmt):
             return format(value, fmt) if value is not None else "-"
 
         m = r.metrics
-        lines.append(f"{r.name:<26} {m['HR@10']:>7.4f} {m['HR@20']:>7.4f} {m['NDCG@10']:>8.4f} "
-                     f"{m['NDCG@20']:>8.4f} {opt(r.compression, '5.2f'):>5} {opt(r.rows_per_s, '12.0f'):>12} "
+        lines.append(f"{r.name:<30} {m['HR@10']:>7.4f} {m['HR@20']:>7.4f} {m['NDCG@10']:>8.4f} "
+                     f"{m['NDCG@20']:>8.4f} {opt(r.compression, '5.2f'):>5} "
+                     f"{opt(r.history_rows, '9.1f'):>9} {opt(r.rows_per_s, '12.0f'):>12} "
                      f"{opt(r.samples_per_s, '11.1f'):>11} {opt(r.train_seconds, '8.1f'):>8}")
     return "\n".join(lines)
 
 
 def main(
-    out: str | None = None, *, quick: bool = False, threads: int | None = 1, progress: bool = True
+    out: str | None = None, *, quick: bool = False, threads: int | None = 1, progress: bool = True,
+    backbone: str | None = None,
 ) -> str:
     """Run the demo (in a temporary directory unless ``out``); returns the printed table."""
-    demo = DemoConfig.quick() if quick else DemoConfig()
+    if backbone and quick:
+        demo = dataclasses.replace(DemoConfig.quick(), backbone=backbone, catalog_steps=0, lr=1e-4, steps=2)
+    elif backbone:
+        demo = DemoConfig.for_backbone(backbone)
+    else:
+        demo = DemoConfig.quick() if quick else DemoConfig()
     previous = torch.get_num_threads()
     if threads:
         # On a busy 2-core machine one OpenMP thread is far steadier than two (measured 1 s vs up to 25 s).
@@ -165,6 +243,13 @@ def main(
     finally:
         torch.set_num_threads(previous)
     table = format_table(rows)
+    half = round(demo.steps * demo.pretrain_share)
+    origin = demo.backbone or (f"tiny + catalog-text stage ({demo.catalog_steps} steps)"
+                               if demo.catalog_steps else "tiny, random init")
     return (f"{table}\n\nsynthetic: {demo.users} users, {demo.items} items, L={demo.max_items}; "
+            f"every LLM starts from the same backbone [{origin}] and takes {demo.steps} optimizer steps "
+            f"of {demo.batch_size} samples (PFT-I: {half} patch pre-training + {demo.steps - half} PFT-I); "
+            f"'vanilla SFT, last {demo.short_items}' reads about as many history rows as PFT-I "
+            f"(equal compute); "
             f"exact whole-catalog ranking of {num_test} test samples (unmasked); "
-            f"wall time {time.perf_counter() - start:.0f} s")
+            f"wall time {time.perf_counter() - start:.0f} s\n")

@@ -13,6 +13,9 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 os.environ.setdefault("TRITON_INTERPRET", "0" if HAS_CUDA else "1")
+# Define the kernels now, under that setting: a test that imports them first while it has switched the
+# interpreter off (the reference_ops fixture) would otherwise leave them compiled-only for every later test.
+import patchrec_kernels  # noqa: E402, F401
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"

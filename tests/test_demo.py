@@ -16,14 +16,16 @@ def test_quick_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    for name in ("popularity", "vanilla SFT", "pretrain -> PFT-I"):
+    for name in ("popularity", "topic oracle", "vanilla SFT", "pretrain -> PFT-I", "vanilla SFT, last"):
         assert name in printed
-    assert "wall time" in printed
+    assert "wall time" in printed and "optimizer steps" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["ranking"] == "exact" and results["mask_history"] is False
-    rows = {r["name"].split(" (")[0]: r for r in results["rows"]}
-    assert set(rows) == {"popularity", "vanilla SFT", "pretrain -> PFT-I"}
+    rows = {r["name"].split(" (")[0].split(",")[0] + (" short" if "last" in r["name"] else ""): r
+            for r in results["rows"]}
+    assert set(rows) == {"popularity", "topic oracle", "topic oracle short", "vanilla SFT",
+                         "pretrain -> PFT-I", "vanilla SFT short"}
     for row in rows.values():
         for key in ("HR@10", "HR@20", "NDCG@10", "NDCG@20"):
             assert 0.0 <= row["metrics"][key] <= 1.0
@@ -32,8 +34,34 @@ def test_quick_demo(tmp_path, capsys):
     assert rows["vanilla SFT"]["compression"] == pytest.approx(1.0)
     assert rows["pretrain -> PFT-I"]["compression"] > 1.5
     assert rows["pretrain -> PFT-I"]["rows_per_s"] > 0
-    # Both stages left a loadable model with its tokenizer; stage 2 started from stage 1's run.
-    for stage in ("vanilla", "pretrain", "pft-i"):
+    # Equal compute: the short vanilla reads fewer history rows than the full one.
+    assert rows["vanilla SFT short"]["history_rows"] < rows["vanilla SFT"]["history_rows"]
+    # Every LLM took the same optimizer steps.
+    def config(stage):
+        return json.loads((out / stage / "train_config.json").read_text())
+
+    for stage in ("vanilla", "vanilla-short"):
+        assert config(stage)["max_steps"] == results["optimizer_steps"]
+    assert config("pretrain")["max_steps"] + config("pft-i")["max_steps"] == results["optimizer_steps"]
+    # Every stage left a loadable model with its tokenizer; all start from the catalog-text backbone and
+    # PFT-I started from patch pre-training's run.
+    assert config("vanilla")["init"] == config("pretrain")["init"] == str(out / "catalog" / "model")
+    for stage in ("catalog", "vanilla", "pretrain", "pft-i", "vanilla-short"):
         assert (out / stage / "model" / "config.json").is_file()
         assert (out / stage / "model" / "tokenizer.json").is_file()
-    assert json.loads((out / "pft-i" / "train_config.json").read_text())["init"] == str(out / "pretrain")
+    assert config("pft-i")["init"] == str(out / "pretrain")
+
+
+def test_catalog_texts_group_one_topic():
+    import numpy as np
+
+    from patchrec.catalog_pretrain import catalog_texts
+
+    titles = [f"t{i}" for i in range(12)]
+    topic = np.arange(12) % 3
+    texts = catalog_texts(titles, topic, 20, 3, np.random.default_rng(0))
+    assert len(texts) == 20
+    for text in texts:
+        parts = text.split(" ; ")
+        assert len(parts) == len(set(parts)) == 3
+        assert len({int(p[1:]) % 3 for p in parts}) == 1
