@@ -59,6 +59,7 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
 
     from patchrec.checkpoint import save_model_dir
     from patchrec.model import PackedLlama, llama_config
+    from patchrec.parallel import param_groups
     from patchrec.tokens import load_tokenizer
 
     config = config or CatalogTextConfig()
@@ -72,12 +73,10 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         lm = LlamaForCausalLM(llama_config(preset, len(tokenizer)))
-    lm.config._attn_implementation = "sdpa"
+    lm.set_attn_implementation("sdpa")
     lm.train()
-    decay = [p for n, p in lm.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in lm.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    groups, _ = param_groups(lm, config.weight_decay)  # the training stages' AdamW groups
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     warmup = max(1, int(config.steps * config.warmup_ratio))
 
     def lr_at(step: int) -> float:
