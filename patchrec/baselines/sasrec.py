@@ -12,6 +12,10 @@ Differences from the released TF code, on purpose:
   history is, and training (every prefix of a window) and evaluation (last position) see the same thing;
 - pre-norm blocks with queries, keys and values all from the normalised input (the TF code normalises the
   queries only), the common and more stable form; attention has an output projection.
+
+PerSRec (``persrec_tokens`` k > 0, METHOD.md §6): k learnable vectors follow every old segment of
+``persrec_segment`` items, attention is segment-isolated (``patchrec.persrec``), positions number the rows
+(items and T tokens) of a sequence, and ``patchrec.persrec.sequence`` gives the cached per-user state.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from patchrec.persrec.attention import segmented_attention
+from patchrec.persrec.layout import BlockLayout, ItemRows
+from patchrec.persrec.sequence import PersrecConfig, PersrecState, persrec_hidden
 from patchrec_kernels.varlen_attention import varlen_attention
 
 
@@ -31,7 +38,9 @@ class SASRecConfig:
     num_blocks: int = 2  # self-attention blocks (paper: 2)
     num_heads: int = 1  # attention heads (paper: 1; more did not help); hidden % num_heads == 0
     dropout: float = 0.2  # on embeddings, attention output and FFN (paper: 0.2 on MovieLens-1M)
-    max_len: int = 100  # L, longest sequence read; the position table has this many rows
+    max_len: int = 100  # L, longest sequence read; the position table has this many rows (+ T tokens)
+    persrec_tokens: int = 0  # PerSRec: k learnable tokens after each old segment (0 = off; paper: 4)
+    persrec_segment: int = 50  # PerSRec: items per old-history segment
 
 
 class SASRecBlock(nn.Module):
@@ -55,19 +64,26 @@ class SASRecBlock(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def attention(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """Causal multi-head self-attention of packed ``x`` [T, d]."""
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, d = x.shape
         h = self.num_heads
-        q = self.q_proj(x).view(t, h, d // h)
-        k = self.k_proj(x).view(t, h, d // h)
-        v = self.v_proj(x).view(t, h, d // h)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
-        return self.out_proj(out.reshape(t, d))
+        return tuple(proj(x).view(t, h, d // h) for proj in (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attn_norm(x), cu_seqlens, max_seqlen))
+        """Causal multi-head self-attention block over packed ``x`` [T, d]."""
+        q, k, v = self.qkv(self.attn_norm(x))
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
+        x = x + self.dropout(self.out_proj(out.reshape(x.shape)))
         return x + self.ffn(self.ffn_norm(x))
+
+    def forward_blocks(
+        self, x: torch.Tensor, layout: BlockLayout, context_k=None, context_v=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block under PerSRec's segment-isolated attention; also returns its key/value rows."""
+        q, k, v = self.qkv(self.attn_norm(x))
+        out = segmented_attention(q, k, v, layout, context_k=context_k, context_v=context_v)
+        x = x + self.dropout(self.out_proj(out.reshape(x.shape)))
+        return x + self.ffn(self.ffn_norm(x)), k, v
 
 
 class SASRec(nn.Module):
@@ -85,8 +101,11 @@ class SASRec(nn.Module):
             raise ValueError("config needs num_blocks >= 0, max_len >= 1 and dropout in [0, 1)")
         self.config = config
         self.num_items = num_items
+        self.persrec = PersrecConfig(config.persrec_tokens, config.persrec_segment)
         self.item_emb = nn.Embedding(num_items, config.hidden)
-        self.pos_emb = nn.Embedding(config.max_len, config.hidden)
+        self.pos_emb = nn.Embedding(self.persrec.rows_for(config.max_len), config.hidden)
+        # PerSRec's T vectors, shared by all users (none without PerSRec, so old checkpoints load unchanged)
+        self.token_emb = nn.Embedding(config.persrec_tokens, config.hidden) if config.persrec_tokens else None
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.hidden, eps=1e-8)
@@ -119,6 +138,8 @@ class SASRec(nn.Module):
             raise ValueError("cu_seqlens must be 1-D [B+1] ending at len(items)")
         if max_seqlen > self.config.max_len:
             raise ValueError(f"max_seqlen ({max_seqlen}) exceeds config.max_len ({self.config.max_len})")
+        if self.persrec.tokens:
+            return persrec_hidden(self, items, cu_seqlens)
         cu_seqlens = cu_seqlens.to(device=items.device, dtype=torch.int32)
         # sqrt(d) scaling of item embeddings as in the paper's code, so positions do not dominate them
         x = self.item_emb(items) * math.sqrt(self.config.hidden)
@@ -126,6 +147,43 @@ class SASRec(nn.Module):
         for block in self.blocks:
             x = block(x, cu_seqlens, max_seqlen)
         return self.final_norm(x)
+
+    # --- PerSRec (patchrec.persrec.sequence) ---
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(heads, head size) of one key/value row of the state."""
+        return self.config.num_heads, self.config.hidden // self.config.num_heads
+
+    def embed_rows(self, items: torch.Tensor, rows: ItemRows) -> torch.Tensor:
+        """Input rows: scaled item embeddings, the T vectors, plus the rows' position embeddings."""
+        device = items.device
+        x = self.item_emb.weight.new_zeros(rows.num_rows, self.config.hidden)
+        x = x.index_copy(0, torch.from_numpy(rows.item_row).to(device), self.item_emb(items))
+        x = x * math.sqrt(self.config.hidden)  # on items only: the T rows are zero so far
+        tokens = self.token_emb(torch.from_numpy(rows.token_slot).to(device))
+        x = x.index_copy(0, torch.from_numpy(rows.token_row).to(device), tokens)
+        if rows.positions.size and int(rows.positions.max()) >= self.pos_emb.num_embeddings:
+            raise ValueError(
+                f"row position {int(rows.positions.max())} exceeds the position table "
+                f"({self.pos_emb.num_embeddings} rows, config.max_len {self.config.max_len} items)"
+            )
+        return self.emb_dropout(x + self.pos_emb(torch.from_numpy(rows.positions).to(device)))
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, layout: BlockLayout, state: PersrecState | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            context = (None, None) if state is None else (state.keys[i], state.values[i])
+            x, k, v = block.forward_blocks(x, layout, *context)
+            keys.append(k)
+            values.append(v)
+        return self.final_norm(x), keys, values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores of every catalog item, [..., num_items]: shared item embeddings as the output layer."""

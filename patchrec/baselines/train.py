@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from patchrec.data.dataset import Dataset, Samples, gather_ragged, make_samples
 from patchrec.metrics import rank_samples, ranking_metrics
+from patchrec.persrec.sequence import cached_scorer
 
 
 @dataclass
@@ -133,13 +134,15 @@ def evaluate(
     ties: str = "pessimistic",
     batch_size: int = 512,
     progress: bool = False,
+    persrec_cache: bool = False,
 ) -> np.ndarray:
-    """Whole-catalog ranks of ``samples``' targets under ``model`` (eval mode, restored afterwards)."""
+    """Whole-catalog ranks of ``samples``' targets under ``model`` (eval mode, restored afterwards);
+    ``persrec_cache``: through each user's cached PerSRec state (``patchrec.persrec.sequence``)."""
     was_training = model.training
     model.eval()
     try:
         return rank_samples(
-            sample_scorer(model, samples),
+            cached_scorer(model, samples) if persrec_cache else sample_scorer(model, samples),
             samples,
             mask_history=mask_history,
             ties=ties,

@@ -1,8 +1,16 @@
-"""``patchrec baseline``: train and evaluate an ID-based baseline (popularity, SASRec, GRU4Rec).
+"""``patchrec baseline``: train and evaluate an ID-based baseline (popularity, SASRec, HSTU, GRU4Rec).
 
 Example::
 
     patchrec baseline sasrec --data ../shared/data/patchrec/ml-100k --split test --out runs/sasrec-ml100k
+    patchrec baseline hstu --data ../shared/data/patchrec/ml-1m --max-items 200 \
+        --persrec-tokens 4 --persrec-segment 50 --out runs/hstu-persrec-ml1m
+
+PerSRec (``--persrec-tokens K``, SASRec and HSTU): K learnable tokens after every old segment of
+``--persrec-segment`` items, segment-isolated attention; ``--persrec-cache on`` (the default) ranks from each
+user's cached state (the T tokens' keys/values, built once from the old segments) and the recent items only,
+``off`` runs the whole history; both give the same ranks. ``--latency-samples N`` times per-user inference
+(batch 1) on the first N evaluation samples and records it with the state size.
 
 Writes ``results.json`` (``patchrec.metrics.write_results``: metrics, K list, masking flag, tie rule, split,
 dataset, model, config, raw ranks) and ``config.json`` (the resolved configuration) into ``--out``; the
@@ -20,16 +28,17 @@ from typing import Any
 
 from patchrec.data.source import load_data
 
-MODELS = ("sasrec", "gru4rec", "popularity")
+MODELS = ("sasrec", "hstu", "gru4rec", "popularity")
 # Adam learning rate when --lr is not given. GRU4Rec stalled at popularity level with 1e-3 on ML-100K
 # (test HR@20 0.065 vs 0.148 with 5e-3, same seed); its paper trained with a large Adagrad rate (0.01).
-DEFAULT_LR = {"sasrec": 1e-3, "gru4rec": 5e-3}
+DEFAULT_LR = {"sasrec": 1e-3, "hstu": 1e-3, "gru4rec": 5e-3}
+ATTENTION_MODELS = ("sasrec", "hstu")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "baseline",
-        help="train and evaluate an ID baseline (popularity, SASRec, GRU4Rec) with whole-catalog ranking",
+        help="train and evaluate an ID baseline (popularity, SASRec, HSTU, GRU4Rec), whole-catalog ranking",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,13 +91,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     train.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and shuffling")
 
-    model = parser.add_argument_group("model (defaults: SASRecConfig / GRU4RecConfig)")
-    model.add_argument("--hidden", type=int, default=None, help="SASRec width (64) / GRU units (100)")
-    model.add_argument("--dropout", type=float, default=None, help="dropout (SASRec 0.2, GRU4Rec 0.25)")
-    model.add_argument("--num-blocks", type=int, default=None, help="SASRec attention blocks (2)")
-    model.add_argument("--num-heads", type=int, default=None, help="SASRec attention heads (1)")
+    model = parser.add_argument_group("model (defaults: SASRecConfig / HSTUConfig / GRU4RecConfig)")
+    model.add_argument("--hidden", type=int, default=None, help="SASRec/HSTU width (64) / GRU units (100)")
+    model.add_argument("--dropout", type=float, default=None, help="dropout (SASRec/HSTU 0.2, GRU4Rec 0.25)")
+    model.add_argument("--num-blocks", type=int, default=None, help="SASRec/HSTU attention blocks (2)")
+    model.add_argument("--num-heads", type=int, default=None, help="SASRec/HSTU attention heads (1)")
     model.add_argument("--embedding", type=int, default=None, help="GRU4Rec item embedding size (64)")
     model.add_argument("--num-layers", type=int, default=None, help="GRU4Rec GRU layers (1)")
+
+    persrec = parser.add_argument_group("PerSRec (sasrec, hstu; METHOD.md §6)")
+    persrec.add_argument(
+        "--persrec-tokens", type=int, default=None, help="K learnable tokens after each old segment (0 = off)"
+    )
+    persrec.add_argument("--persrec-segment", type=int, default=None, help="items per old segment (50)")
+    persrec.add_argument(
+        "--persrec-cache",
+        choices=("on", "off"),
+        default=None,
+        help="rank from the cached per-user state (on, default) or the whole history (off)",
+    )
+    persrec.add_argument(
+        "--latency-samples",
+        type=int,
+        default=0,
+        help="time per-user inference (batch 1) on this many evaluation samples (default 0 = skip)",
+    )
 
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -142,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
     }
     extra: dict[str, Any] = {}
     model = None
+    persrec_flags = ["persrec_tokens", "persrec_segment", "persrec_cache"]
+    if args.model not in ATTENTION_MODELS:
+        _ignored(args, persrec_flags)
+        if args.latency_samples:
+            raise ValueError(f"--latency-samples applies to {', '.join(ATTENTION_MODELS)}, not {args.model}")
+    if args.latency_samples < 0:
+        raise ValueError(f"--latency-samples must be >= 0, got {args.latency_samples}")
     if args.model == "popularity":
         _ignored(
             args, train_flags + ["hidden", "dropout", "num_blocks", "num_heads", "embedding", "num_layers"]
@@ -158,19 +192,22 @@ def run(args: argparse.Namespace) -> int:
                 desc=f"eval {args.split}",
             )
     else:
-        if args.model == "sasrec":
+        if args.model in ATTENTION_MODELS:
             _ignored(args, ["embedding", "num_layers"])
-            model_config = _override(
-                SASRecConfig(max_len=args.max_items),
-                args,
-                {
-                    "hidden": "hidden",
-                    "dropout": "dropout",
-                    "num_blocks": "num_blocks",
-                    "num_heads": "num_heads",
-                },
-            )
-            model = SASRec(dataset.num_items, model_config)
+            needs_tokens = args.persrec_segment is not None or args.persrec_cache is not None
+            if not args.persrec_tokens and needs_tokens:
+                raise ValueError("--persrec-segment and --persrec-cache need --persrec-tokens >= 1")
+            names = ["hidden", "dropout", "num_blocks", "num_heads", "persrec_tokens", "persrec_segment"]
+            if args.model == "sasrec":
+                model_config = _override(SASRecConfig(max_len=args.max_items), args, {n: n for n in names})
+                model = SASRec(dataset.num_items, model_config)
+            else:
+                from patchrec.baselines.hstu import HSTU, HSTUConfig
+
+                model_config = _override(HSTUConfig(max_len=args.max_items), args, {n: n for n in names})
+                model = HSTU(dataset.num_items, model_config)
+            persrec_cache = bool(model_config.persrec_tokens) and args.persrec_cache != "off"
+            config["persrec_cache"] = persrec_cache
         else:
             _ignored(args, ["num_blocks", "num_heads"])
             model_config = _override(
@@ -184,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
                 },
             )
             model = GRU4Rec(dataset.num_items, model_config)
+            persrec_cache = False
         base = TrainConfig(seed=args.seed, lr=DEFAULT_LR[args.model])
         train_config = _override(base, args, {f: f for f in train_flags})
         config["model_config"] = dataclasses.asdict(model_config)
@@ -210,7 +248,16 @@ def run(args: argparse.Namespace) -> int:
                 ties=args.ties,
                 batch_size=train_config.eval_batch_size,
                 progress=progress,
+                persrec_cache=persrec_cache,
             )
+
+        if args.latency_samples:
+            from patchrec.baselines.latency import per_user_latency
+
+            extra["latency"] = per_user_latency(model, samples, args.latency_samples, cached=persrec_cache)
+            lat = extra["latency"]
+            state = f", state {lat['state_bytes_mean'] / 1024:.1f} KiB/user" if persrec_cache else ""
+            print(f"inference: {lat['ms_per_user_median']:.2f} ms/user (median, batch 1){state}")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
