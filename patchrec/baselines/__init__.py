@@ -1,10 +1,12 @@
-"""ID-based sequential-recommendation baselines (popularity, SASRec, GRU4Rec) and their shared training loop.
+"""ID-based sequential-recommendation baselines (popularity, SASRec, HSTU, GRU4Rec) and their shared training
+loop.
 
 They rank the whole catalog like the LLM models (``patchrec.metrics``), on the same samples (METHOD.md §4),
 so their numbers sit in the same table.
 """
 
 from patchrec.baselines.gru4rec import GRU4Rec, GRU4RecConfig
+from patchrec.baselines.hstu import HSTU, HSTUConfig
 from patchrec.baselines.popularity import Popularity
 from patchrec.baselines.sasrec import SASRec, SASRecConfig
 from patchrec.baselines.train import TrainConfig, TrainResult, evaluate, fit
@@ -12,6 +14,8 @@ from patchrec.baselines.train import TrainConfig, TrainResult, evaluate, fit
 __all__ = [
     "GRU4Rec",
     "GRU4RecConfig",
+    "HSTU",
+    "HSTUConfig",
     "Popularity",
     "SASRec",
     "SASRecConfig",
