@@ -34,6 +34,7 @@ def run_one(args, dataset: str, model: str, variant: str, out: Path) -> dict:
             "--data", str(Path(args.data_root) / dataset),
             "--max-items", str(max_items), "--max-minutes", str(args.minutes[dataset]), "--patience",
             str(args.patience), "--latency-samples", str(args.latency_samples), "--no-progress",
+            "--batch-size", str(args.batch_size[dataset]), "--threads", str(args.threads),
             "--out", str(out), *flags,
         ]  # fmt: skip
         print(" ".join(cmd), flush=True)
@@ -88,10 +89,15 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4, help="PerSRec tokens per segment (4)")
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--minutes-100k", type=float, default=5.0, help="training budget per ML-100K run")
-    parser.add_argument("--minutes-1m", type=float, default=8.0, help="training budget per ML-1M run")
+    parser.add_argument("--minutes-100k", type=float, default=4.0, help="training budget per ML-100K run")
+    parser.add_argument("--minutes-1m", type=float, default=7.0, help="training budget per ML-1M run")
+    # ML-100K has ~1k windows of L = 200: 128 per step would be only 8 steps an epoch
+    parser.add_argument("--batch-100k", type=int, default=32, help="windows per step on ML-100K (32)")
+    parser.add_argument("--batch-1m", type=int, default=128, help="windows per step on ML-1M (128)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1)")
     args = parser.parse_args()
     args.minutes = {"ml-100k": args.minutes_100k, "ml-1m": args.minutes_1m}
+    args.batch_size = {"ml-100k": args.batch_100k, "ml-1m": args.batch_1m}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -101,7 +107,8 @@ def main() -> int:
                 run_dir = out / "runs" / f"{dataset}-{model}-{variant.replace(' ', '-')}"
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
                 rows.append(run_one(args, dataset, model, variant, run_dir))
-                (out / "summary.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+                summary = {"command": " ".join(sys.argv), "args": vars(args), "rows": rows}
+                (out / "summary.json").write_text(json.dumps(summary, indent=1))
                 (out / "summary.md").write_text(table(rows))
     print(table(rows))
     return 0

@@ -66,7 +66,7 @@ def _model_device(model) -> torch.device:
 
 def exact_item_scores(
     model, tokens: TokenizedDataset, samples: Samples, index: np.ndarray, catalog: CatalogTitles, *,
-    planner: Planner, max_rows: int,
+    planner: Planner, max_rows: int, persrec_cache: str = "on",
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [len(index), N]: every item's title log-likelihood, duplicates of a title set to -inf except one
     copy (the row's target when it carries that title, else the lowest item id)."""
@@ -75,7 +75,8 @@ def exact_item_scores(
     row_of = {int(s): r for r, s in enumerate(index.tolist())}
     for batch in iter_batches(samples, planner, tokens, max_rows, order=index, answer=False):
         batch = batch.to(device)
-        scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows).cpu()
+        scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows,
+                              persrec_cache=persrec_cache).cpu()  # fmt: skip
         rows = [row_of[int(s)] for s in batch.sample_ids.tolist()]
         title_scores[rows] = scores
     item_title = torch.as_tensor(catalog.item_title)
@@ -89,6 +90,28 @@ def exact_item_scores(
     item_scores[rows, torch.as_tensor(catalog.canonical)[item_title[targets]]] = -torch.inf
     item_scores[rows, targets] = title_scores[rows, item_title[targets]]
     return item_scores
+
+
+def persrec_state_stats(
+    model, tokens: TokenizedDataset, samples: Samples, planner: Planner
+) -> dict[str, Any]:
+    """Size of the per-sample PerSRec state the ``on`` cache keeps (keys + values of every layer, in the
+    model's dtype): mean rows and bytes per sample, also without the prompt prefix (the same for every user,
+    so it could be stored once)."""
+    from patchrec.pack import Packer
+    from patchrec.persrec.llm import state_rows
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    row_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+    prefix = Packer(tokens).head_len
+    rows = state_rows(prefix, samples.history_lengths, planner.segment, planner.tokens)
+    mean_rows = float(rows.mean()) if len(rows) else 0.0
+    return {"persrec_segment": planner.segment, "persrec_tokens": planner.tokens, "persrec_old": planner.old,
+            "persrec_state_rows_mean": mean_rows, "persrec_state_bytes_per_sample": mean_rows * row_bytes,
+            "persrec_token_state_bytes_per_sample": (mean_rows - prefix) * row_bytes,
+            "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
 
 
 def rank_in_returned(
@@ -113,7 +136,7 @@ def rank_in_returned(
 def beam_ranks(
     model, tokens: TokenizedDataset, samples: Samples, catalog: CatalogTitles, *, planner: Planner,
     max_rows: int, beams: int, groups: int, diversity: float, protocol: BeamProtocol, mask_history: bool,
-    progress: bool,
+    progress: bool, persrec_cache: str = "on",
 ) -> np.ndarray:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -132,7 +155,7 @@ def beam_ranks(
     bar = tqdm(total=len(samples), desc="beam", disable=not progress, leave=False)
     for batch in iter_batches(samples, planner, tokens, max_rows, answer=False):
         returned = beam_search(model, batch.to(device), trie, beams=beams, groups=groups, diversity=diversity,
-                               protocol=protocol)  # fmt: skip
+                               protocol=protocol, persrec_cache=persrec_cache)  # fmt: skip
         for sid, row in zip(batch.sample_ids.tolist(), returned, strict=True):
             drop = seen.get(sid, set()) - {int(targets[sid])}
             ranks[sid] = rank_in_returned([u for u, _ in row], titles[target_items[sid]], texts,
@@ -158,8 +181,13 @@ def evaluate(
     groups: int = 20,
     diversity: float = 0.8,
     protocol: str | BeamProtocol = "authors",
+    persrec_cache: str = "on",
 ) -> EvalResult:
     """Rank the whole catalog for every sample (the first ``limit`` when given); see the module docstring.
+
+    ``persrec_cache`` (persrec plan only): ``"on"`` builds each sample's state from its prefix and old
+    segments first and answers from the recent block against it, ``"off"`` runs the whole prompt; the scores
+    are the same (``patchrec.persrec.llm``). The config records it and the state's size.
 
     ``max_rows`` bounds the rows of one pass (prompts, and prompts x title rows in a catalog chunk).
     The model is put in eval mode and gradients are off; its training flag is restored afterwards.
@@ -170,6 +198,8 @@ def evaluate(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if planner.views != 1:
         raise ValueError(f"planner must give one view per sample, got {planner.name!r} ({planner.views})")
+    if persrec_cache not in ("on", "off"):
+        raise ValueError(f"--persrec-cache must be 'on' or 'off', got {persrec_cache!r}")
     if ranking == "beam":
         if beams < 1:
             raise ValueError(f"beams must be >= 1, got {beams}")
@@ -190,7 +220,8 @@ def evaluate(
             if ranking == "exact":
                 ranks = rank_samples(
                     lambda index: exact_item_scores(
-                        model, tokens, samples, index, catalog, planner=planner, max_rows=max_rows
+                        model, tokens, samples, index, catalog, planner=planner, max_rows=max_rows,
+                        persrec_cache=persrec_cache,
                     ),
                     samples, mask_history=mask_history, batch_size=SCORE_BATCH, progress=progress,
                     desc="exact",
@@ -199,12 +230,14 @@ def evaluate(
                 ranks = beam_ranks(
                     model, tokens, samples, catalog, planner=planner, max_rows=max_rows, beams=beams,
                     groups=groups, diversity=diversity, protocol=protocol, mask_history=mask_history,
-                    progress=progress,
+                    progress=progress, persrec_cache=persrec_cache,
                 )  # fmt: skip
     finally:
         model.train(was_training)
     config: dict[str, Any] = {"ranking": ranking, "plan": planner.name, "max_rows": max_rows,
                               "distinct_titles": len(catalog)}
+    if planner.is_persrec:
+        config.update(persrec_cache=persrec_cache, **persrec_state_stats(model, tokens, samples, planner))
     if ranking == "beam":
         config.update(beams=beams, groups=groups, diversity=diversity, miss_rank=f">= {beams}",
                       **protocol.settings(TitleTrie(catalog, tokens.prompt.eot)))  # fmt: skip

@@ -23,6 +23,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 from patchrec.backbone import load_causal_lm
 from patchrec.pack import PackedBatch
+from patchrec.persrec.attention import segmented_attention
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.varlen_attention import varlen_attention
 
@@ -33,7 +34,8 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers attention hook: [1, H, R, Dh] packed rows -> varlen attention over ``cu_seq_lens_q``.
 
     No mask function is registered under this name, so transformers builds no [R, R] mask; sample isolation
-    comes from ``cu_seqlens`` alone.
+    comes from ``cu_seqlens`` alone. A ``persrec_layout`` kwarg (a PerSRec batch's ``BlockLayout``) replaces
+    the per-sequence causal rule by PerSRec's blocks (``patchrec.persrec.segmented_attention``).
     """
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None or query.shape[0] != 1:
@@ -43,6 +45,13 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         )
     if dropout:
         raise ValueError("attention dropout is not supported on the packed path (Llama uses 0.0)")
+    layout = kwargs.get("persrec_layout")
+    if layout is not None:
+        out = segmented_attention(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, scale=scaling,
+            deterministic=True,
+        )  # fmt: skip
+        return out.unsqueeze(0), None
     out = varlen_attention(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
@@ -154,8 +163,10 @@ class PackedLlama(nn.Module):
         return patch_embed(weight, batch.token_ids, batch.seg_offsets, batch.row_offsets, validate=validate)
 
     def hidden_states(self, batch: PackedBatch, *, validate: bool | None = None) -> torch.Tensor:
-        """[R, D] final (normed) hidden states of every row."""
+        """[R, D] final (normed) hidden states of every row (PerSRec's block attention when the batch has a
+        layout; RoPE positions stay the row index inside the sequence)."""
         inputs = self.embed(batch, validate=validate).unsqueeze(0)
+        extra = {} if batch.layout is None else {"persrec_layout": batch.layout}
         out = self.lm.model(
             inputs_embeds=inputs,
             position_ids=batch.position_ids.unsqueeze(0),
@@ -164,6 +175,7 @@ class PackedLlama(nn.Module):
             max_length_q=batch.max_seqlen,
             max_length_k=batch.max_seqlen,
             use_cache=False,
+            **extra,
         )
         return out.last_hidden_state[0]
 

@@ -12,6 +12,14 @@ state would predict nothing). Label ``i`` of a sequence with answer ``a_0..a_{m-
 row just before it: the last suffix row predicts ``a_0``, the row of ``a_{j-1}`` predicts ``a_j``, the row of
 ``a_{m-1}`` predicts ``eot``.
 
+PerSRec (``persrec`` plan, METHOD.md §6): after the separator that closes each full old-history segment the
+sequence gets the k personalization-token rows ``T_1..T_k`` (one row each), and the batch carries a
+``BlockLayout`` (``patchrec.persrec.layout``): block 0 of a sequence is the prompt prefix + ``<|start_seq|>``
+(carried: every later block sees it), then one block per old segment (its items and separators, then its T
+rows; the T rows are carried), then the final block (the recent items, ``<|end_seq|>``, the prompt suffix and
+the answer). In the slot grid the T rows are part of the separator slot (the source holds the separator
+followed by the T ids), so the layout costs no extra slots.
+
 Speed: nothing here loops over samples in Python. A chunk of samples is planned as ``[B, L]`` arrays, each
 sequence is laid out as ``2L+3`` "slots" (head, item/separator pairs, tail, answer), every non-empty slot is
 one contiguous range of a single token source (the catalog CSR table followed by the prompt's literal tokens),
@@ -27,7 +35,8 @@ import numpy as np
 import torch
 
 from patchrec.data.dataset import Samples
-from patchrec.plan import DROP, PAD, TEXT, BatchPlan, Planner
+from patchrec.persrec.layout import BlockLayout, block_layout
+from patchrec.plan import DROP, PAD, TEXT, BatchPlan, Planner, persrec_old_items
 from patchrec.tokens import TokenizedDataset
 
 # Samples planned at once; bounds the [chunk, L] planning arrays (~10 MB at L = 100) while keeping numpy calls
@@ -55,7 +64,11 @@ class PackedBatch:
     sample_ids: torch.Tensor  # int64 [Q], index into the Samples of each sequence
     view_ids: torch.Tensor  # int64 [Q], 0 = first view; pretrain: 0 all-text, 1 compressed
     hist_tokens_before: torch.Tensor  # int64 [Q], history title tokens as text (no markers, separators)
-    hist_tokens_after: torch.Tensor  # int64 [Q], same after compression (a patch or session counts as 1)
+    hist_tokens_after: torch.Tensor  # int64 [Q], same after compression (a patch or session counts as 1;
+    # persrec: plus the T rows)
+    # persrec only: attention blocks (prefix, old segments, final) instead of one causal block per sequence
+    layout: BlockLayout | None = None
+    block_carried: torch.Tensor | None = None  # int64 [NB], rows of each block visible to later blocks
 
     @property
     def num_rows(self) -> int:
@@ -69,7 +82,11 @@ class PackedBatch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+            if torch.is_tensor(value):
+                value = value.to(device, non_blocking=non_blocking)
+            elif isinstance(value, BlockLayout):
+                value = value.to(device)
+            moved[f.name] = value
         return PackedBatch(**moved)
 
     def pin_memory(self) -> PackedBatch:
@@ -94,7 +111,12 @@ class Packer:
         self.head_src, self.head_len = base, len(head)
         self.sep_src = base + len(head)
         self.tail_src, self.tail_len = self.sep_src + 1, len(tail)
-        self.source = np.concatenate([titles.tokens, head, [prompt.item_sep], tail]).astype(np.int32)
+        # PerSRec's T tokens follow the separator, so "separator + T_1..T_k" is one source range.
+        self.persrec_ids = np.asarray(tokens.persrec_ids, dtype=np.int32)
+        self.tail_src += len(self.persrec_ids)
+        self.source = np.concatenate(
+            [titles.tokens, head, [prompt.item_sep], self.persrec_ids, tail]
+        ).astype(np.int32)
         self.eot = prompt.eot
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -107,9 +129,14 @@ class Packer:
         idx = np.where(valid, starts[:, None] + cols, 0)
         return np.where(valid, samples.dataset.items[idx], -1).astype(np.int64), lengths
 
-    def slots(self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray) -> dict[str, np.ndarray]:
+    def slots(
+        self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray, persrec: tuple[int, int] | None = None
+    ) -> dict[str, np.ndarray]:
         """Per sequence ``2L+3`` slots: source start, token count, whether each token is its own row
-        (``run``) or the slot is one segment (patch), and whether that segment opens a new row."""
+        (``run``) or the slot is one segment (patch), and whether that segment opens a new row.
+
+        ``persrec`` = (segment, tokens): the separator slot closing each full old segment also holds the
+        ``tokens`` T rows, and ``block_end`` marks the slots that close a block (see the module docstring)."""
         kinds, group = plan.kinds, plan.group
         num, width = kinds.shape
         safe = np.maximum(items, 0)
@@ -141,11 +168,28 @@ class Packer:
         src[:, -2], ntok[:, -2] = self.tail_src, self.tail_len
         src[:, -1] = self.title_offsets[targets]
         ntok[:, -1] = self.title_lengths[targets] if self.answer else 0
-        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
         before = np.where(kinds != PAD, tlen, 0).sum(axis=1)
         after = np.where(kinds == TEXT, tlen, 0).sum(axis=1) + (opens & (kinds != TEXT)).sum(axis=1)
-        return {"src": src, "ntok": ntok, "run": run, "newrow": newrow, "rows": rows, "before": before,
-                "after": after}
+        out = {"src": src, "ntok": ntok, "run": run, "newrow": newrow}
+        if persrec is not None:
+            segment, tokens = persrec
+            if tokens > len(self.persrec_ids):
+                have = len(self.persrec_ids)
+                raise ValueError(f"--persrec-tokens {tokens} but the tokenisation has {have} PerSRec tokens: "
+                                 "tokenize_dataset(..., persrec_tokens=k)")  # fmt: skip
+            lengths = (kinds != PAD).sum(axis=1)
+            # The separator after item j closes an old segment when j + 1 is a multiple of segment inside the
+            # old items (every old item has a later kept item: the recent ones, so its separator exists).
+            j = np.arange(width)
+            closes = ((j + 1) % segment == 0) & (j + 1 <= persrec_old_items(lengths, segment)[:, None])
+            ntok[:, 2 : 2 * width + 2 : 2] += np.where(closes, tokens, 0).astype(np.int32)
+            block_end = np.zeros((num, 2 * width + 3), dtype=bool)
+            block_end[:, 0] = True
+            block_end[:, 2 : 2 * width + 2 : 2] = closes
+            out["block_end"] = block_end
+            after = after + closes.sum(axis=1) * tokens
+        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
+        return out | {"rows": rows, "before": before, "after": after}
 
     def plan_slots(
         self, samples: Samples, ids: np.ndarray, planner: Planner, rng, progress: np.ndarray | None
@@ -156,7 +200,8 @@ class Packer:
         views = planner.plan_batch(lengths, rng, progress, width)
         targets = samples.dataset.items[samples.target_index[ids]].astype(np.int64)
         if len(views) == 1:
-            out = self.slots(items, views[0], targets)
+            persrec = (planner.segment, planner.tokens) if planner.is_persrec else None
+            out = self.slots(items, views[0], targets, persrec)
         else:
             v = len(views)
             kinds = np.stack([p.kinds for p in views], 1).reshape(-1, width)
@@ -216,8 +261,14 @@ class Packer:
         else:
             label_rows = label_ids = label_sample = np.zeros(0, dtype=np.int64)
 
+        layout = carried = None
+        if "block_end" in s:
+            layout, carried = _block_layout(s, cu)
+
         t = torch.from_numpy
         return PackedBatch(
+            layout=layout,
+            block_carried=carried,
             token_ids=t(token_ids),
             seg_offsets=t(seg_offsets),
             row_offsets=t(row_offsets),
@@ -232,6 +283,26 @@ class Packer:
             hist_tokens_before=t(s["before"].astype(np.int64)),
             hist_tokens_after=t(s["after"].astype(np.int64)),
         )
+
+
+def _block_layout(s: dict[str, np.ndarray], cu: np.ndarray) -> tuple[BlockLayout, torch.Tensor]:
+    """The PerSRec blocks of the slots' sequences: a block ends after each ``block_end`` slot and at the end
+    of the sequence; the head block is carried whole, a segment block its T rows (its closing slot's rows
+    but the separator)."""
+    slot_rows = np.where(s["run"], s["ntok"], s["newrow"] & (s["ntok"] > 0)).astype(np.int64)
+    cum = np.cumsum(slot_rows, axis=1)
+    seq, col = np.nonzero(s["block_end"])  # sequence-major, slots in order
+    q = len(cu) - 1
+    ends = np.concatenate([cum[seq, col], cum[:, -1]])
+    carried = np.concatenate([np.where(col == 0, slot_rows[seq, col], slot_rows[seq, col] - 1),
+                              np.zeros(q, dtype=np.int64)])  # fmt: skip
+    block_seq = np.concatenate([seq, np.arange(q)])
+    order = np.lexsort((ends, block_seq))
+    ends, carried, block_seq = ends[order], carried[order], block_seq[order]
+    first = np.r_[True, block_seq[1:] != block_seq[:-1]]
+    starts = np.where(first, 0, np.r_[0, ends[:-1]])
+    layout = block_layout(ends - starts, carried, block_seq, q)
+    return layout, torch.from_numpy(carried.astype(np.int64))
 
 
 def _take(s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -256,7 +327,7 @@ def _widen(x: np.ndarray, y: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarr
         extra = width - z.shape[1]
         if extra == 0:
             return z
-        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True}[key]
+        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True, "block_end": False}[key]
         filler = np.full((z.shape[0], extra), fill, dtype=z.dtype)
         # Slots keep their order: history slots, then the 2 tail slots (tail, answer) stay last.
         return np.concatenate([z[:, :-2], filler, z[:, -2:]], axis=1)
@@ -271,8 +342,10 @@ def pack_batch(
     plans: tuple[BatchPlan, ...],
     tokens: TokenizedDataset,
     answer: bool = True,
+    persrec: tuple[int, int] | None = None,
 ) -> PackedBatch:
-    """Pack exactly the samples ``ids`` with the given per-view plans (``[len(ids), L]`` each)."""
+    """Pack exactly the samples ``ids`` with the given per-view plans (``[len(ids), L]`` each); ``persrec`` =
+    (segment, tokens) inserts PerSRec's T rows and block layout (see ``Packer.slots``)."""
     packer = Packer(tokens, answer)
     ids = np.asarray(ids, dtype=np.int64)
     width = plans[0].kinds.shape[1]
@@ -284,7 +357,7 @@ def pack_batch(
     v = len(plans)
     kinds = np.stack([p.kinds for p in plans], 1).reshape(-1, width)
     group = np.stack([p.group for p in plans], 1).reshape(-1, width)
-    s = packer.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v))
+    s = packer.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v), persrec)
     s.update(sample=np.repeat(ids, v), view=np.tile(np.arange(v), len(ids)), target=np.repeat(targets, v))
     return packer.build(s)
 

@@ -3,6 +3,8 @@
 Per sample and plan it calls the tokenizer on each title and on the two prompt halves (no CSR table, no
 vectorisation) and builds a Python list of embedding rows: a text token is ``E[t]``, an item patch the mean of
 its title's rows, a session patch the mean of its members' item patches. Labels are listed as (row, token).
+``persrec_sequence`` writes a PerSRec prompt out the same way, with each row's role for
+``patchrec.persrec.reference.persrec_mask``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, Samples
+from patchrec.persrec import reference as roles
 from patchrec.plan import DROP, ITEM, SESSION, TEXT, Plan
 from patchrec.tokens import END_SEQ, ITEM_SEP, START_SEQ, end_of_turn_token, render_prompt_text
 
@@ -87,3 +90,57 @@ class ReferencePacker:
         return ReferenceSequence(
             torch.stack(rows), list(range(first, first + len(answer) + 1)), answer + [self.eot], before, after
         )
+
+    def persrec_sequence(
+        self, samples: Samples, i: int, segment: int, token_ids: list[int], old: str = "item"
+    ) -> tuple[ReferenceSequence, list[int], list[int]]:
+        """Rows of sample ``i`` under PerSRec (METHOD.md §6) and each row's (kind, segment) role.
+
+        ``[prefix <|start_seq|>]`` (PREFIX), then each full segment of ``segment`` items from the oldest: its
+        items (item patches or text) each followed by ``<|item_sep|>``, then the T rows ``token_ids``
+        (ITEM / TOKEN rows of that segment); then the last 1..segment items as text with separators between
+        them, ``<|end_seq|>``, the prompt suffix and the answer (RECENT)."""
+        dataset, weight = samples.dataset, self.weight
+        text = render_prompt_text(self.tokenizer, dataset.system_prompt, dataset.user_prompt)
+        prefix_text, suffix_text = text.split(HISTORY_PLACEHOLDER)
+        history = [int(x) for x in samples.history(i)]
+        rows: list[torch.Tensor] = []
+        kind: list[int] = []
+        seg: list[int] = []
+
+        def add(row: torch.Tensor, k: int, s: int = -1) -> None:
+            rows.append(row)
+            kind.append(k)
+            seg.append(s)
+
+        for t in self.ids(prefix_text) + [self.start]:
+            add(weight[t], roles.PREFIX)
+        num_old = (len(history) - 1) // segment * segment
+        for j, item in enumerate(history):
+            ids = self.ids(dataset.titles[item])
+            if j < num_old:
+                s = j // segment
+                if old == "item":
+                    add(torch.stack([weight[t] for t in ids]).mean(0), roles.ITEM, s)
+                else:
+                    for t in ids:
+                        add(weight[t], roles.ITEM, s)
+                add(weight[self.sep], roles.ITEM, s)
+                if (j + 1) % segment == 0:
+                    for t in token_ids:
+                        add(weight[t], roles.TOKEN, s)
+            else:
+                for t in ids:
+                    add(weight[t], roles.RECENT)
+                if j + 1 < len(history):
+                    add(weight[self.sep], roles.RECENT)
+        for t in [self.end] + self.ids(suffix_text):
+            add(weight[t], roles.RECENT)
+        answer = self.ids(dataset.titles[samples.target(i)])
+        for t in answer:
+            add(weight[t], roles.RECENT)
+        first = len(rows) - len(answer) - 1
+        before = sum(len(self.ids(dataset.titles[item])) for item in history)
+        sequence = ReferenceSequence(torch.stack(rows), list(range(first, first + len(answer) + 1)),
+                                     answer + [self.eot], before, -1)  # fmt: skip
+        return sequence, kind, seg

@@ -7,6 +7,9 @@ A plan of a history of ``n`` items (oldest first) is two arrays of length ``n``:
   ``DROP``. Items of one session share a group; every TEXT or ITEM item is a group of its own. Groups are
   contiguous and non-decreasing over the kept items, and pieces are separated by ``<|item_sep|>``.
 
+``persrec_plan`` (METHOD.md §6) is the item-level part of PerSRec: old-segment items as ITEM (or TEXT), recent
+items as TEXT; the packer adds the personalization-token rows and the attention blocks (``patchrec.pack``).
+
 Per-``n`` functions (``vanilla_plan`` ... ``dropout_plan``) are the readable definitions;
 ``Planner.plan_batch`` is the vectorised form the packer uses: ``[B, L]`` arrays, row ``b`` holding the
 plan of ``lengths[b]`` items left-aligned and padded with ``PAD`` kind / ``-1`` group. Deterministic plans
@@ -94,6 +97,29 @@ def pft_s_plan(n: int, g: int) -> Plan:
     return _frozen(kinds, group)
 
 
+PERSREC_OLD = ("text", "item")
+
+
+@lru_cache(maxsize=4096)
+def persrec_plan(n: int, segment: int, old: str = "item") -> Plan:
+    """PerSRec (METHOD.md §6) as a plan: the items of the full old-history segments of ``segment`` items
+    (counted from the oldest; ``patchrec.persrec.num_segments``) as item patches (``old="item"``) or text,
+    the last 1..segment items as text. Where the personalization tokens go is the packer's business."""
+    _check_n(n)
+    if segment < 1:
+        raise ValueError(f"--persrec-segment must be >= 1, got {segment}")
+    if old not in PERSREC_OLD:
+        raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {old!r}")
+    kinds = np.full(n, TEXT)
+    kinds[: persrec_old_items(n, segment)] = ITEM if old == "item" else TEXT
+    return _frozen(kinds, np.arange(n))
+
+
+def persrec_old_items(n, segment: int):
+    """History items in full old segments (before the 1..segment recent items); 0 for an empty history."""
+    return (np.maximum(n, 1) - 1) // segment * segment
+
+
 def _random_plan(n: int, p: float, rng: np.random.Generator, kind: int) -> Plan:
     _check_n(n)
     if not 0.0 <= p <= 1.0:
@@ -157,10 +183,19 @@ class Planner:
     k: int = 5  # pft-i: newest items kept as text
     g: int = 5  # pft-s: session size (also the number of text and of item-patch items)
     p: float | None = None  # pretrain / dropout probability; None = curriculum
+    segment: int = 20  # persrec: items per old-history segment
+    tokens: int = 4  # persrec: personalization tokens T after each segment (released configs: 4)
+    old: str = "item"  # persrec: old items as item patches ("item") or as text ("text")
 
     def __post_init__(self) -> None:
         if self.name not in PLANS:
             raise ValueError(f"plan name must be one of {sorted(PLANS)}, got {self.name!r}")
+        if self.segment < 1:
+            raise ValueError(f"--persrec-segment must be >= 1, got {self.segment}")
+        if self.tokens < 1:
+            raise ValueError(f"--persrec-tokens must be >= 1, got {self.tokens}")
+        if self.old not in PERSREC_OLD:
+            raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {self.old!r}")
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.g < 1:
@@ -171,6 +206,10 @@ class Planner:
     @property
     def views(self) -> int:
         return 2 if self.is_random else 1
+
+    @property
+    def is_persrec(self) -> bool:
+        return self.name == "persrec"
 
     @property
     def is_random(self) -> bool:
@@ -184,6 +223,8 @@ class Planner:
             return (pft_i_plan(n, self.k),)
         if self.name == "pft-s":
             return (pft_s_plan(n, self.g),)
+        if self.name == "persrec":
+            return (persrec_plan(n, self.segment, self.old),)
         rng = _need_rng(rng, self.name)
         p = progress if self.p is None else self.p
         if self.name == "pretrain":
@@ -203,7 +244,7 @@ class Planner:
         if lengths.size and (lengths.min() < 0 or lengths.max() > width):
             raise ValueError(f"lengths must be in [0, {width}]")
         if not self.is_random:
-            kinds, group = _table(self.name, self.k, self.g, width)
+            kinds, group = _table(self, width)
             return (BatchPlan(kinds[lengths], group[lengths]),)
         rng = _need_rng(rng, self.name)
         if self.p is not None:
@@ -228,24 +269,28 @@ def _need_rng(rng: np.random.Generator | None, name: str) -> np.random.Generator
 
 
 @lru_cache(maxsize=64)
-def _table(name: str, k: int, g: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _table(planner: Planner, width: int) -> tuple[np.ndarray, np.ndarray]:
     """``[width+1, width]`` tables: row ``n`` = the cached plan of ``n`` items, padded."""
-    plans = [Planner(name, k=k, g=g).plan(n)[0] for n in range(width + 1)]
+    plans = [planner.plan(n)[0] for n in range(width + 1)]
     batch = _stack(plans, width)
     batch.kinds.flags.writeable = False
     batch.group.flags.writeable = False
     return batch.kinds, batch.group
 
 
-PLANS = ("vanilla", "pft-i", "pft-s", "pretrain", "dropout")
+PLANS = ("vanilla", "pft-i", "pft-s", "pretrain", "dropout", "persrec")
 
 
 def evaluation_plan(stage: str, val_plan: str | None = None) -> str:
     """The plan a model trained in ``stage`` is validated and evaluated with: ``val_plan`` when set, else the
     stage itself when it has one view, else pft-i (pre-training / dropout trained both forms)."""
-    return val_plan or (stage if stage in ("vanilla", "pft-i", "pft-s") else "pft-i")
+    return val_plan or (stage if stage in ("vanilla", "pft-i", "pft-s", "persrec") else "pft-i")
 
 
-def make_planner(name: str, k: int = 5, g: int = 5, p: float | None = None) -> Planner:
-    """Planner by name (the CLI and the training configs pick plans this way)."""
-    return Planner(name, k=k, g=g, p=p)
+def make_planner(
+    name: str, k: int = 5, g: int = 5, p: float | None = None, *, segment: int = 20, tokens: int = 4,
+    old: str = "item",
+) -> Planner:  # fmt: skip
+    """Planner by name (the CLI and the training configs pick plans this way); ``segment``, ``tokens`` and
+    ``old`` are the persrec plan's (ignored by the others)."""
+    return Planner(name, k=k, g=g, p=p, segment=segment, tokens=tokens, old=old)

@@ -85,7 +85,8 @@ class PromptCache:
 
     keys: list[torch.Tensor]  # per layer [R, Hkv, D]
     values: list[torch.Tensor]  # per layer [R, Hkv, D]
-    cu_seqlens: torch.Tensor  # int32 [Q+1], prompt rows of each sequence
+    # int32 [Q+1], prompt rows of each sequence a continuation sees (persrec: state + final block rows)
+    cu_seqlens: torch.Tensor
     max_seqlen: int
     lengths: torch.Tensor  # int64 [Q], prompt rows = RoPE position of the first continuation row
     first_logprobs: torch.Tensor  # fp32 [Q, V], log p(first answer token | prompt)
@@ -134,8 +135,18 @@ def token_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     return out
 
 
-def encode_prompts(model, batch: PackedBatch) -> PromptCache:
-    """Run a packed prompt-only batch once; keep every layer's K/V and the first-token distribution."""
+def encode_prompts(model, batch: PackedBatch, *, persrec_cache: str = "on") -> PromptCache:
+    """Run a packed prompt-only batch once; keep every layer's K/V and the first-token distribution.
+
+    A persrec batch (with a block layout) keeps only what a continuation may see, the state (prefix and T
+    rows) and the final block, computed in one pass (``persrec_cache="off"``) or from a state built first
+    from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``."""
+    if batch.layout is not None:
+        from patchrec.persrec import llm
+
+        if persrec_cache not in llm.CACHE_MODES:
+            raise ValueError(f"--persrec-cache must be one of {llm.CACHE_MODES}, got {persrec_cache!r}")
+        return llm.encode_cached(model, batch) if persrec_cache == "on" else llm.encode_full(model, batch)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
 
@@ -222,11 +233,12 @@ def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def score_titles(
-    model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int
+    model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int, persrec_cache: str = "on"
 ) -> torch.Tensor:
-    """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch."""
+    """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch
+    (``persrec_cache``: see ``encode_prompts``)."""
     device = batch.cu_seqlens.device
-    cache = encode_prompts(model, batch)
+    cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
     num_seq = batch.num_sequences
     lengths = catalog.lengths
     # Title rows of one pass = sequences x chunk tokens; the chunk takes the budget's share per sequence.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,8 @@ START_SEQ = "<|start_seq|>"
 ITEM_SEP = "<|item_sep|>"
 END_SEQ = "<|end_seq|>"
 HISTORY_MARKERS = (START_SEQ, ITEM_SEP, END_SEQ)
+# PerSRec's learnable personalization tokens (METHOD.md §6): ``<|persrec_0|>`` ... one new embedding row each.
+PERSREC_TOKEN = "<|persrec_{}|>"
 PLAIN_TEMPLATE = "{bos}System: {system}\nUser: {user}\nAssistant: "
 # Chat templates that print today's date (Llama-3.x: "Today Date: ...") would give a different prompt, and so
 # different token counts and scores, on every day: they are rendered as if it were always this day.
@@ -49,6 +51,29 @@ def add_history_markers(tokenizer) -> int:
     if len(set(ids)) != 3 or tokenizer.unk_token_id in ids:
         raise ValueError(f"tokenizer could not add the history markers {HISTORY_MARKERS} (got ids {ids})")
     return len(tokenizer)
+
+
+def persrec_token_names(k: int) -> list[str]:
+    """The names of PerSRec's ``k`` personalization tokens T_1..T_k."""
+    return [PERSREC_TOKEN.format(i) for i in range(k)]
+
+
+def add_persrec_tokens(tokenizer, k: int) -> np.ndarray:
+    """Add PerSRec's ``k`` personalization tokens as special tokens (idempotent); returns their int32 ids.
+
+    Like the history markers they are never merged with text, and each is one new row of the embedding
+    table (resize the model to ``len(tokenizer)``), read by ``patch_embed`` as a one-token row.
+    """
+    if k < 1:
+        raise ValueError(f"--persrec-tokens must be >= 1, got {k}")
+    names = persrec_token_names(k)
+    # add_tokens(special_tokens=True) keeps the history markers registered (a new
+    # ``additional_special_tokens`` list could replace them).
+    tokenizer.add_tokens(names, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if len(set(ids)) != k or tokenizer.unk_token_id in ids or None in ids:
+        raise ValueError(f"tokenizer could not add the PerSRec tokens {names} (got ids {ids})")
+    return np.asarray(ids, dtype=np.int32)
 
 
 def load_tokenizer(path: str | Path):
@@ -191,16 +216,25 @@ class TokenizedDataset:
 
     titles: TitleTable
     prompt: PromptTokens
-    vocab_size: int  # len(tokenizer) after adding the markers
+    vocab_size: int  # len(tokenizer) after adding the markers (and the PerSRec tokens)
+    # int32 [k]: ids of PerSRec's personalization tokens T_1..T_k (empty unless tokenised for persrec)
+    persrec_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
 
     @property
     def avg_title_tokens(self) -> float:
         return float(self.titles.lengths.mean()) if len(self.titles) else 0.0
 
 
-def tokenize_dataset(tokenizer, dataset: Dataset, eot_token: str | None = None) -> TokenizedDataset:
-    """Tokenise ``dataset``'s titles and prompt with ``tokenizer`` (markers are added if missing)."""
+def tokenize_dataset(
+    tokenizer, dataset: Dataset, eot_token: str | None = None, persrec_tokens: int = 0
+) -> TokenizedDataset:
+    """Tokenise ``dataset``'s titles and prompt with ``tokenizer`` (markers are added if missing);
+    ``persrec_tokens`` > 0 also adds that many PerSRec personalization tokens (the persrec plan)."""
     vocab_size = add_history_markers(tokenizer)
+    persrec_ids = np.zeros(0, dtype=np.int32)
+    if persrec_tokens:
+        persrec_ids = add_persrec_tokens(tokenizer, persrec_tokens)
+        vocab_size = len(tokenizer)
     titles = tokenize_titles(tokenizer, dataset.titles)
     prompt = tokenize_prompt(tokenizer, dataset.system_prompt, dataset.user_prompt, eot_token)
-    return TokenizedDataset(titles, prompt, vocab_size)
+    return TokenizedDataset(titles, prompt, vocab_size, persrec_ids)

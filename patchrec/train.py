@@ -1,8 +1,8 @@
 """One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (METHOD.md §3).
 
-Stages are plans (``pretrain``, ``pft-i``, ``pft-s``, ``vanilla``, ``dropout``); each starts from a model
-preset (random init), a Hugging Face model directory, a ``.gguf`` file, or a previous stage's output
-(``<run>/model``) or checkpoint.
+Stages are plans (``pretrain``, ``pft-i``, ``pft-s``, ``vanilla``, ``dropout``, ``persrec``); each starts
+from a model preset (random init), a Hugging Face model directory, a ``.gguf`` file, or a previous stage's
+output (``<run>/model``) or checkpoint.
 
 Batches and precision. Optimizer step ``s`` takes the samples ``s * batch_size ...`` of the epoch's seeded
 permutation (``batch_size`` samples for every plan; the last step of an epoch may hold fewer), packs them into
@@ -34,6 +34,7 @@ the single-process layout, so a run resumes on any world size (and in either mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -217,7 +218,18 @@ def validate(
 
 
 def val_planner(config: TrainConfig) -> Planner:
-    return make_planner(evaluation_plan(config.stage, config.val_plan), k=config.k, g=config.g)
+    return make_planner(evaluation_plan(config.stage, config.val_plan), k=config.k, g=config.g,
+                        **persrec_options(config))  # fmt: skip
+
+
+def persrec_options(config: TrainConfig) -> dict[str, Any]:
+    """The persrec plan's options of a config (``make_planner`` keywords)."""
+    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old}
+
+
+def persrec_token_count(config: TrainConfig) -> int:
+    """PerSRec tokens the tokenisation needs: only the persrec stage adds them to the vocabulary."""
+    return config.persrec_tokens if config.stage == "persrec" else 0
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -227,6 +239,9 @@ def _check_resume_config(out: Path, config: TrainConfig) -> None:
         return
     saved = json.loads(saved_path.read_text())
     now = config.to_dict()
+    # Fields added after a run was saved hold their defaults there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved[k] if k in saved else defaults[k] for k in now}
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE_FIELDS and saved.get(k) != now[k]}
     if diff:
         raise ValueError(f"--resume with a config that differs from {saved_path}: {diff} (saved, now)")
@@ -348,7 +363,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
     if not main:
         tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
     tokenizer = load_tokenizer(tok_dir)
-    tokens = tokenize_dataset(tokenizer, dataset)
+    tokens = tokenize_dataset(tokenizer, dataset, persrec_tokens=persrec_token_count(config))
     if checkpoint is None and main:
         (out / "log.jsonl").unlink(missing_ok=True)
         config.replace(tokenizer=str(tok_dir)).to_json(out / "train_config.json")
@@ -357,7 +372,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
                                   config.seed)
     if len(train_samples) == 0:
         raise ValueError(f"data {config.data!r} has no training samples")
-    planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p)
+    planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p, **persrec_options(config))
     model = _load_model(config, init_dir, checkpoint, tokens.vocab_size)
     model.to(device).train()
     # FSDP computes in bf16 through its MixedPrecisionPolicy, the other modes through autocast.

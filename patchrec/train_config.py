@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout")
+STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout", "persrec")
+PERSREC_OLD = ("text", "item")
+# persrec_* field -> its flag and default (the fields only apply to stage persrec)
+PERSREC_FIELDS = {"persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
+                  "persrec_old": ("--persrec-old", "item")}
 DTYPES = ("auto", "bf16", "fp32")
 SAVE_DTYPES = ("fp32", "bf16")
 PARALLEL = ("auto", "ddp", "fsdp")
@@ -29,10 +33,13 @@ PARALLEL = ("auto", "ddp", "fsdp")
 @dataclass
 class TrainConfig:
     # ---- what to train -----------------------------------------------------------------------------------
-    stage: str = "pft-i"  # plan of this stage: pretrain | pft-i | pft-s | vanilla (plain SFT) | dropout
+    stage: str = "pft-i"  # plan: pretrain | pft-i | pft-s | vanilla (plain SFT) | dropout | persrec
     k: int = 5  # pft-i: newest items kept as text (paper: 5)
     g: int = 5  # pft-s: session size (paper: 5 for ML-1M / Goodreads, 20 for ML-100K)
     p: float | None = None  # pretrain / dropout probability; None = the linear curriculum 0 -> 1
+    persrec_tokens: int = 4  # persrec: personalization tokens T after each old segment (new embedding rows)
+    persrec_segment: int = 20  # persrec: items per old-history segment (the last 1..N items stay recent text)
+    persrec_old: str = "item"  # persrec: old items inside segments as item patches (item) or as text (text)
     init: str = "tiny"  # model preset (random init), HF model / checkpoint / run directory, or a .gguf file
     # ---- data --------------------------------------------------------------------------------------------
     data: str = "synthetic"  # release directory, or "synthetic" (patchrec.data.synthetic)
@@ -93,6 +100,16 @@ class TrainConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
+        if self.persrec_tokens < 1:
+            raise ValueError(f"--persrec-tokens must be >= 1, got {self.persrec_tokens}")
+        if self.persrec_segment < 1:
+            raise ValueError(f"--persrec-segment must be >= 1, got {self.persrec_segment}")
+        if self.persrec_old not in PERSREC_OLD:
+            raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {self.persrec_old!r}")
+        if self.stage != "persrec":
+            for name, (flag, default) in PERSREC_FIELDS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{flag} is only for --stage persrec (stage is {self.stage!r})")
         positive = ("lr", "batch_size", "max_rows", "max_items", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:

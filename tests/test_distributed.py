@@ -150,22 +150,28 @@ def small_tokens(tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("bpe")
     train_title_tokenizer(dataset.titles, tok_dir, config.tokenizer_vocab,
                           extra_texts=[dataset.system_prompt, dataset.user_prompt])  # fmt: skip
-    return config, dataset, tokenize_dataset(load_tokenizer(tok_dir), dataset)
+    return config, dataset, tokenize_dataset(load_tokenizer(tok_dir), dataset, persrec_tokens=2)
 
 
 def _batches_equal(a, b) -> bool:
-    return a.max_seqlen == b.max_seqlen and all(
-        torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__ if f != "max_seqlen")
+    def same(x, y) -> bool:
+        if torch.is_tensor(x):
+            return torch.equal(x, y)
+        if hasattr(x, "__dataclass_fields__"):  # a persrec batch's BlockLayout
+            return all(same(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__)
+        return x == y  # ints; None for the optional persrec fields
+
+    return all(same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
 
 
-@pytest.mark.parametrize("plan", ["vanilla", "pft-s", "pretrain", "dropout"])
+@pytest.mark.parametrize("plan", ["vanilla", "pft-s", "pretrain", "dropout", "persrec"])
 def test_shards_split_the_single_process_step(small_tokens, plan):
     """One rank's shard IS the single-process step (same batches, bit for bit); with several ranks the
     sequences (samples, views, random plans) are the same, split disjointly and in order."""
     config, dataset, tokens = small_tokens
     samples = make_samples(dataset, "train", config.max_items)
     config = config.replace(train_samples=0, max_steps=0, epochs=1, batch_size=9)
-    planner = make_planner(plan, k=3, g=3)
+    planner = make_planner(plan, k=3, g=3, segment=3, tokens=2)
     total = total_steps_of(config, len(samples))
     for step in (0, 3, total - 1):
         single = step_micro_batches(config, samples, planner, tokens, step, total)

@@ -17,6 +17,11 @@ trained: the plan is the run's ``val_plan``, else its stage when that is vanilla
 A flag that contradicts the saved value is an error unless ``--force``. Without the file the defaults are
 vanilla, 5, 5, 100. The results JSON records where each value came from.
 
+``--plan persrec`` (a ``--stage persrec`` run; its ``--persrec-*`` options also default to the run's):
+``--persrec-cache on`` (default) builds each user's state (prefix + personalization tokens, per layer) from
+the old segments once and ranks from the recent block against it; ``off`` runs the whole prompt. The scores
+are the same; the results record the mode and the state's bytes per sample.
+
 Writes ``patchrec.metrics.write_results`` JSON (metrics, K list, masking flag, ranking, plan, raw ranks).
 
 Several GPUs or machines: ``torchrun --nproc-per-node N -m patchrec eval ...`` gives each rank a full copy of
@@ -36,10 +41,12 @@ from patchrec.data.source import load_data
 from patchrec.metrics import DEFAULT_KS
 from patchrec.plan import evaluation_plan
 
-PLANS = ("vanilla", "pft-i", "pft-s")
+PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
 # train_config.json fields (same names as the flags) that default to the run's; the plan is derived from two.
-SAVED_FIELDS = ("k", "g", "max_items")
-FALLBACK = {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100}  # without a train_config.json
+SAVED_FIELDS = ("k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old")
+FALLBACK = {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100, "persrec_tokens": 4, "persrec_segment": 20,
+            "persrec_old": "item"}  # without a train_config.json
+PERSREC_FLAGS = ("persrec_tokens", "persrec_segment", "persrec_old", "persrec_cache")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -65,6 +72,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--k", type=int, default=None,
                       help="pft-i: newest items kept as text (default: the run's, else 5)")
     data.add_argument("--g", type=int, default=None, help="pft-s: session size (default: the run's, else 5)")
+    data.add_argument("--persrec-tokens", type=int, default=None,
+                      help="persrec: personalization tokens per old segment (default: the run's, else 4)")
+    data.add_argument("--persrec-segment", type=int, default=None,
+                      help="persrec: items per old segment (default: the run's, else 20)")
+    data.add_argument("--persrec-old", choices=("text", "item"), default=None,
+                      help="persrec: old items as item patches or text (default: the run's, else item)")
+    data.add_argument("--persrec-cache", choices=("on", "off"), default=None,
+                      help="persrec: on = build each user's state (prefix + T tokens) from the old segments "
+                           "once, then rank from the recent block against it; off = the whole prompt at "
+                           "once (same scores; default on)")
     data.add_argument("--force", action="store_true",
                       help="allow --plan/--k/--g/--max-items that contradict the run's train_config.json")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -117,8 +134,9 @@ def find_train_config(model_dir: Path) -> Path | None:
 
 
 def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(plan, k, g, max_items) and a record of where each came from: the flag, the run's train_config.json
-    (read as plain JSON), or the fallback defaults. A flag contradicting the saved value is a ValueError
+    """(plan, k, g, max_items, and for the persrec plan persrec_tokens / _segment / _old) and a record of
+    where each came from: the flag, the run's train_config.json (read as plain JSON), or the fallback
+    defaults. A flag contradicting the saved value is a ValueError
     unless ``args.force``."""
     path = find_train_config(model_dir)
     saved_values: dict[str, Any] = {}
@@ -128,8 +146,10 @@ def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[st
         saved_values.update({name: saved[name] for name in SAVED_FIELDS if name in saved})
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in ("plan", "k", "g", "max_items"):
-        given = getattr(args, name)
+    for name in ("plan", "k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old"):
+        if name.startswith("persrec_") and values["plan"] != "persrec":
+            continue  # the persrec options only exist for that plan
+        given = getattr(args, name, None)
         if given is not None:
             if name in saved_values and given != saved_values[name] and not args.force:
                 flag = "--" + name.replace("_", "-")
@@ -171,6 +191,11 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     model_dir = resolve_model_path(args.model)
     settings, origin = resolve_settings(args, model_dir)
     plan, max_items = settings["plan"], settings["max_items"]
+    if plan != "persrec":
+        for name in PERSREC_FLAGS:
+            if getattr(args, name, None) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} is only for --plan persrec (plan is {plan!r})")
+    persrec_cache = args.persrec_cache or "on"
     if max_items < 1:
         raise ValueError(f"--max-items must be >= 1, got {max_items}")
     if args.limit is not None and args.limit < 1:
@@ -180,7 +205,11 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     tokenizer_dir = args.tokenizer or str(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     dataset = load_data(args.data)
-    tokens = tokenize_dataset(tokenizer, dataset)
+    persrec = {"segment": settings.get("persrec_segment", FALLBACK["persrec_segment"]),
+               "tokens": settings.get("persrec_tokens", FALLBACK["persrec_tokens"]),
+               "old": settings.get("persrec_old", FALLBACK["persrec_old"])}  # fmt: skip
+    num_persrec = persrec["tokens"] if plan == "persrec" else 0
+    tokens = tokenize_dataset(tokenizer, dataset, persrec_tokens=num_persrec)
     samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
@@ -188,12 +217,12 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
                                         dtype=getattr(torch, dtype_name)).to(device)  # fmt: skip
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")
-    planner = make_planner(plan, k=settings["k"], g=settings["g"])
+    planner = make_planner(plan, k=settings["k"], g=settings["g"], **persrec)
     res = evaluate_sharded(
         model, tokens, samples, ctx, planner=planner, ranking=args.ranking, ks=DEFAULT_KS,
         mask_history=args.mask_history, max_rows=args.max_rows, limit=args.limit,
         progress=not args.no_progress, beams=args.beams, groups=args.groups, diversity=args.diversity,
-        protocol=args.protocol,
+        protocol=args.protocol, persrec_cache=persrec_cache,
     )  # fmt: skip
     if not ctx.is_main:
         return 0
@@ -215,6 +244,9 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     protocol = f" protocol={args.protocol}" if res.ranking == "beam" else ""
     print(f"{dataset.name} {args.split} plan={plan} ranking={res.ranking}{protocol} "
           f"({label}, n={res.num_samples}, {per_sample:.3f} s/sample)")
+    if plan == "persrec":
+        print(f"persrec cache {persrec_cache}: state {res.config['persrec_state_rows_mean']:.1f} rows, "
+              f"{res.config['persrec_state_bytes_per_sample'] / 1024:.1f} KiB per sample")
     print("   K      HR    NDCG")
     for k in res.config["ks"]:
         print(f"{k:4d}  {res.metrics[f'HR@{k}']:.4f}  {res.metrics[f'NDCG@{k}']:.4f}")

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 
-from patchrec.train_config import PRESETS, STAGES, TrainConfig
+from patchrec.train_config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
-_OVERRIDES = ("k", "g", "p", "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
+_OVERRIDES = ("k", "g", "p", "persrec_tokens", "persrec_segment", "persrec_old",
+              "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
               "synthetic_interests", "synthetic_long_term_share", "lr",
               "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
@@ -42,7 +43,7 @@ _OVERRIDES = ("k", "g", "p", "init", "tokenizer", "tokenizer_vocab", "max_items"
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
-        help="train one stage (pretrain, pft-i, pft-s, vanilla, dropout) on the packed path",
+        help="train one stage (pretrain, pft-i, pft-s, vanilla, dropout, persrec) on the packed path",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what.add_argument("--g", type=int, default=None, help="pft-s: session size (default 5; ml-100k 20)")
     what.add_argument("--p", type=float, default=None,
                       help="pretrain/dropout probability (default: linear curriculum 0 -> 1)")
+    what.add_argument("--persrec-tokens", type=int, default=None,
+                      help="persrec: personalization tokens after each old segment (default 4)")
+    what.add_argument("--persrec-segment", type=int, default=None,
+                      help="persrec: items per old-history segment, from the oldest (default 20)")
+    what.add_argument("--persrec-old", choices=("text", "item"), default=None,
+                      help="persrec: old items as item patches (default) or text")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="release directory or 'synthetic'")
@@ -118,6 +125,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.stage != "persrec":
+        for name in PERSREC_FIELDS:
+            if getattr(args, name) is not None:
+                raise ValueError(f"{PERSREC_FIELDS[name][0]} is only for --stage persrec")
     values = dict(PRESETS[args.preset]) if args.preset else {}
     values |= {"stage": args.stage, "data": args.data, "out": args.out, "progress": not args.no_progress}
     values |= {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}

@@ -1,0 +1,206 @@
+"""PerSRec on the LLM (the ``persrec`` plan): prompt encoding for exact ranking and beam search, with and
+without a cached per-user state.
+
+A persrec prompt (``patchrec.pack``) is ``[prefix][segment 1 + T rows] ... [segment S + T rows][final]``
+where the final block holds the recent items and the prompt suffix, and the answer (or a catalog title being
+scored) continues the final block. What the final block and its continuations see is the **state**: every
+layer's keys/values of the prefix rows and of all T rows (``BlockLayout.state_index``), never the old items.
+
+- ``encode_full`` (``--persrec-cache off``): the whole prompt in one pass with PerSRec's block attention;
+  the continuations' keys are then gathered from it (state rows + final rows).
+- ``encode_cached`` (``--persrec-cache on``): ``encode_state`` runs the prefix and the old segments once and
+  keeps only the state (``PersrecState``: O(prefix + S x k) rows per layer, whatever the segments' length);
+  ``encode_final`` then runs only the final block against that state. The two give the same scores.
+
+``encode_state`` also folds new full segments into an existing state (pass it as ``context``), which is how a
+state is kept up to date when interactions arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchrec.data.dataset import ragged_arange
+from patchrec.pack import PackedBatch
+from patchrec.persrec.attention import block_keys, block_state, segmented_attention
+from patchrec.persrec.layout import BlockLayout, block_layout
+from patchrec.rank_exact import PromptCache, _layer_loop, log_softmax_rows
+
+CACHE_MODES = ("on", "off")
+
+
+@dataclass
+class PersrecState:
+    """Per layer keys/values (after RoPE) of each sequence's carried rows (prefix + T rows), by sequence."""
+
+    keys: list[torch.Tensor]  # per layer [S, Hkv, Dh]
+    values: list[torch.Tensor]  # per layer [S, Hkv, Dh]
+    cu_state: torch.Tensor  # int64 [Q+1]: sequence q's state rows are cu_state[q] .. cu_state[q+1]-1
+    next_position: torch.Tensor  # int64 [Q]: rows folded so far = RoPE position of the sequence's next row
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """int64 [Q] state rows of each sequence."""
+        return self.cu_state.diff()
+
+    def bytes_per_sequence(self) -> torch.Tensor:
+        """int64 [Q]: bytes of each sequence's state over all layers (keys and values)."""
+        per_row = sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
+                      for k, v in zip(self.keys, self.values, strict=True))  # fmt: skip
+        return self.rows * per_row
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The blocks of a persrec batch as numpy arrays (from its layout's ``cu_q`` and ``block_carried``)."""
+
+    rows: np.ndarray  # int64 [NB]
+    carried: np.ndarray  # int64 [NB]
+    seq: np.ndarray  # int64 [NB], sequence of each block
+    start: np.ndarray  # int64 [NB], first row of each block in the batch
+    final: np.ndarray  # bool [NB], the last block of its sequence
+
+    @classmethod
+    def of(cls, batch: PackedBatch) -> Blocks:
+        if batch.layout is None or batch.block_carried is None:
+            raise ValueError("not a persrec batch (no block layout): pack it with the persrec plan")
+        cu_q = batch.layout.cu_q.cpu().numpy().astype(np.int64)
+        cu_seq = batch.cu_seqlens.cpu().numpy().astype(np.int64)
+        seq = np.searchsorted(cu_seq, cu_q[:-1], side="right") - 1
+        final = np.r_[seq[1:] != seq[:-1], True] if len(seq) else np.zeros(0, dtype=bool)
+        carried = batch.block_carried.cpu().numpy().astype(np.int64)
+        return cls(np.diff(cu_q), carried, seq, cu_q[:-1], final)
+
+    def row_index(self, which: np.ndarray) -> np.ndarray:
+        """Rows of the blocks selected by the boolean mask ``which``, in order."""
+        return np.repeat(self.start[which], self.rows[which]) + ragged_arange(self.rows[which])
+
+
+def encode_state(
+    model,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    next_position: torch.Tensor,
+    context: PersrecState | None = None,
+) -> PersrecState:
+    """Run rows made only of carried blocks (the prefix and / or whole old segments, each ending in its T
+    rows) against an optional earlier ``context`` state; returns the new state (context rows first, then the
+    carried rows of these blocks, per sequence: ``layout.state_index``)."""
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def attend(layer, q, k, v, scale):
+        ck = None if context is None else context.keys[layer]
+        cv = None if context is None else context.values[layer]
+        keys.append(block_state(k, layout, ck))
+        values.append(block_state(v, layout, cv))
+        return segmented_attention(q, k, v, layout, scale=scale, context_k=ck, context_v=cv)
+
+    _layer_loop(model, embeds, position_ids, attend)
+    return PersrecState(keys, values, layout.cu_state, next_position)
+
+
+def encode_final(
+    model,
+    state: PersrecState,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    final_rows: np.ndarray,
+    *,
+    lengths: torch.Tensor,
+    sample_ids: torch.Tensor,
+) -> PromptCache:
+    """Run each sequence's final block (``final_rows[q]`` rows, packed in order) against its state; the cache
+    keys of a continuation are the state rows followed by the final block's rows."""
+    device = embeds.device
+    q = len(final_rows)
+    layout = block_layout(final_rows, np.zeros(q, dtype=np.int64), np.arange(q), q,
+                          context_rows=state.rows.cpu().numpy()).to(device)  # fmt: skip
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def attend(layer, q_, k, v, scale):
+        ck, cv = state.keys[layer], state.values[layer]
+        keys.append(block_keys(k, layout, ck))
+        values.append(block_keys(v, layout, cv))
+        return segmented_attention(q_, k, v, layout, scale=scale, context_k=ck, context_v=cv)
+
+    hidden = _layer_loop(model, embeds, position_ids, attend)
+    last = layout.cu_q[1:].long() - 1
+    return PromptCache(
+        keys=keys, values=values, cu_seqlens=layout.cu_k, max_seqlen=layout.max_k, lengths=lengths,
+        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)), sample_ids=sample_ids,
+    )  # fmt: skip
+
+
+def encode_full(model, batch: PackedBatch) -> PromptCache:
+    """``--persrec-cache off``: the whole prompt in one pass; a continuation sees its final block's keys."""
+    blocks = Blocks.of(batch)
+    layout = batch.layout
+    cu_k = layout.cu_k.cpu().numpy().astype(np.int64)
+    final = np.flatnonzero(blocks.final)
+    counts = cu_k[final + 1] - cu_k[final]
+    pick = np.repeat(cu_k[final], counts) + ragged_arange(counts)
+    pick = torch.as_tensor(pick, device=layout.key_index.device)
+    final_keys = layout.key_index.index_select(0, pick)  # rows of the batch: no context here
+    cu = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def attend(layer, q, k, v, scale):
+        keys.append(k.index_select(0, final_keys))
+        values.append(v.index_select(0, final_keys))
+        return segmented_attention(q, k, v, layout, scale=scale)
+
+    hidden = _layer_loop(model, model.embed(batch), batch.position_ids, attend)
+    last = batch.cu_seqlens[1:].long() - 1
+    return PromptCache(
+        keys=keys, values=values, cu_seqlens=torch.as_tensor(cu.astype(np.int32), device=last.device),
+        max_seqlen=int(counts.max(initial=1)), lengths=batch.cu_seqlens.diff().long(),
+        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)), sample_ids=batch.sample_ids,
+    )  # fmt: skip
+
+
+def split_state(model, batch: PackedBatch) -> tuple[PersrecState, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The state of every sequence of a persrec prompt batch from its prefix and old segments (one pass over
+    those rows only), and the final blocks' input rows: (state, final embeddings, their positions, final rows
+    per sequence)."""
+    blocks = Blocks.of(batch)
+    device = batch.position_ids.device
+    embeds = model.embed(batch)
+    old = blocks.row_index(~blocks.final)
+    fin = blocks.row_index(blocks.final)
+    nseq = batch.num_sequences
+    old_layout = block_layout(blocks.rows[~blocks.final], blocks.carried[~blocks.final],
+                              blocks.seq[~blocks.final], nseq).to(device)  # fmt: skip
+    old_t, fin_t = torch.as_tensor(old, device=device), torch.as_tensor(fin, device=device)
+    next_position = torch.as_tensor(np.bincount(blocks.seq[~blocks.final], blocks.rows[~blocks.final],
+                                                minlength=nseq).astype(np.int64), device=device)  # fmt: skip
+    state = encode_state(model, embeds.index_select(0, old_t), batch.position_ids.index_select(0, old_t),
+                         old_layout, next_position=next_position)  # fmt: skip
+    final_embeds, final_positions = embeds.index_select(0, fin_t), batch.position_ids.index_select(0, fin_t)
+    return state, final_embeds, final_positions, blocks.rows[blocks.final]
+
+
+def encode_cached(model, batch: PackedBatch) -> PromptCache:
+    """``--persrec-cache on``: the state once from the prefix and old segments, then only the final blocks."""
+    state, embeds, positions, final_rows = split_state(model, batch)
+    return encode_final(model, state, embeds, positions, final_rows, lengths=batch.cu_seqlens.diff().long(),
+                        sample_ids=batch.sample_ids)  # fmt: skip
+
+
+def state_rows(prefix_rows: int, lengths: np.ndarray, segment: int, tokens: int) -> np.ndarray:
+    """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment."""
+    from patchrec.plan import persrec_old_items
+
+    return prefix_rows + persrec_old_items(np.asarray(lengths, dtype=np.int64), segment) // segment * tokens
+
+
+__all__ = ["CACHE_MODES", "Blocks", "PersrecState", "encode_cached", "encode_final", "encode_full",
+           "encode_state", "split_state", "state_rows"]  # fmt: skip
