@@ -16,6 +16,7 @@ from patchrec.data.dataset import make_samples
 from patchrec.persrec import item_rows
 from patchrec.persrec.reference import item_roles, masked_attention_reference, persrec_mask
 from patchrec.persrec.sequence import (
+    CachedUser,
     PersrecConfig,
     cached_scorer,
     fold_segments,
@@ -134,3 +135,23 @@ def test_baseline_command_cache_on_and_off_rank_alike(tmp_path):
     bad = (["sasrec", "--persrec-segment", "5"], ["gru4rec", "--persrec-tokens", "2"])
     for flags in bad:
         assert main(["baseline", *flags, "--data", data, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_cached_user_follows_the_full_forward_as_interactions_arrive():
+    model = _sasrec(seed=8).eval()
+    g = torch.Generator().manual_seed(9)
+    history = torch.randint(0, 37, (3 * SEGMENT + 3,), generator=g)
+    user = CachedUser(model, history[:2])
+    seen = 2
+    for step in (1, SEGMENT, 3, 2 * SEGMENT - 1, 2):  # single interactions and bursts crossing segments
+        user.add(history[seen : seen + step].tolist())
+        seen = min(seen + step, len(history))
+        with torch.no_grad():
+            full = model.logits(model(history[:seen], cu_seqlens_of(np.array([seen])), seen)[-1])
+        torch.testing.assert_close(user.scores(), full, rtol=1e-10, atol=1e-10)
+        assert 1 <= len(user.recent) <= SEGMENT
+        assert user.state.rows()[0] == TOKENS * ((seen - 1) // SEGMENT)  # k rows per folded segment
+    with pytest.raises(ValueError, match="no interactions"):
+        CachedUser(model).scores()
+    with pytest.raises(ValueError, match="ids in"):
+        user.add([37])

@@ -186,3 +186,50 @@ def cached_scorer(model, samples: Samples) -> Callable[[np.ndarray], torch.Tenso
             return model.logits(recent_hidden(model, state, recent_items, recent))
 
     return score
+
+
+class CachedUser:
+    """One user served from a cached PerSRec state, as interactions arrive (the incremental API).
+
+    The user holds the state of their folded segments and the pending recent items (1..segment of them once
+    any exist). ``add`` appends interactions and folds every full segment that is no longer among the recent
+    items; ``scores`` ranks the catalog from the state and the recent items only. After any sequence of
+    ``add`` calls the scores equal the full forward over the whole history (``tests/test_persrec_models.py``).
+
+        user = CachedUser(model, history)      # or CachedUser(model) for a new user
+        user.add([item])                       # a new interaction: folds a segment when one is complete
+        top = user.scores().topk(20).indices
+    """
+
+    def __init__(self, model, items=()) -> None:
+        self.config = _check_model(model)
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.state = PersrecState.empty(model, 1, self.device)
+        self.recent = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.add(items)
+
+    def add(self, items) -> None:
+        """Append interactions (item ids, oldest first); fold the full segments leaving the recent block."""
+        new = torch.as_tensor(items, dtype=torch.long, device=self.device).reshape(-1)
+        if new.numel() and (int(new.min()) < 0 or int(new.max()) >= self.model.num_items):
+            raise ValueError(f"items must be ids in [0, {self.model.num_items})")
+        pending = torch.cat([self.recent, new])
+        old, _ = split_history(np.array([max(len(pending), 1)]), self.config.segment)
+        fold = int(old[0]) if len(pending) else 0
+        if fold:
+            with torch.no_grad():
+                self.state = fold_segments(self.model, self.state, pending[:fold], np.array([fold]))
+        self.recent = pending[fold:]
+
+    @property
+    def state_bytes(self) -> int:
+        return int(self.state.nbytes()[0])
+
+    def scores(self) -> torch.Tensor:
+        """Scores of every catalog item for the user's next interaction, [num_items]."""
+        if not len(self.recent):
+            raise ValueError("the user has no interactions yet: add some before asking for scores")
+        with torch.no_grad():
+            hidden = recent_hidden(self.model, self.state, self.recent, np.array([len(self.recent)]))
+            return self.model.logits(hidden)[0]
