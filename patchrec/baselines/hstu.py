@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchrec.baselines.inputs import check_packed, embed_item_rows
 from patchrec.persrec.attention import block_keys
 from patchrec.persrec.layout import BlockLayout, ItemRows, block_layout
 from patchrec.persrec.sequence import PersrecConfig, PersrecState, persrec_hidden
@@ -265,14 +266,6 @@ class HSTU(nn.Module):
         if self.token_emb is not None:
             nn.init.trunc_normal_(self.token_emb.weight, std=std, a=-2 * std, b=2 * std)
 
-    def _embed(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.max_rows:
-            raise ValueError(
-                f"row position {int(positions.max())} exceeds the position table "
-                f"({self.max_rows} rows, config.max_len {self.config.max_len} items)"
-            )
-        return self.emb_dropout(x + self.pos_emb(positions))
-
     def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """Hidden states [T, d] of packed sequences (L2-normalised when ``config.temperature`` > 0).
 
@@ -280,18 +273,7 @@ class HSTU(nn.Module):
         cu_seqlens: int [B+1], sequence ``b`` is ``items[cu_seqlens[b]:cu_seqlens[b+1]]``.
         max_seqlen: the longest sequence, at most ``config.max_len``.
         """
-        if items.ndim != 1:
-            raise ValueError(f"items must be 1-D [T], got shape {tuple(items.shape)}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != items.numel():
-            raise ValueError("cu_seqlens must be 1-D [B+1] ending at len(items)")
-        lengths = cu_seqlens.detach().cpu().long().diff().numpy()
-        if int(cu_seqlens[0]) != 0 or np.any(lengths < 1):
-            raise ValueError("cu_seqlens must start at 0 and every sequence needs >= 1 item")
-        if max_seqlen > self.config.max_len or int(lengths.max()) > max_seqlen:
-            raise ValueError(
-                f"max_seqlen ({max_seqlen}) must cover the longest sequence ({int(lengths.max())}) and be at "
-                f"most config.max_len ({self.config.max_len})"
-            )
+        lengths = check_packed(items, cu_seqlens, max_seqlen, self.config.max_len)
         if self.persrec.tokens:
             return persrec_hidden(self, items, cu_seqlens)
         # Without PerSRec: the same layers with one block per sequence.
@@ -299,7 +281,7 @@ class HSTU(nn.Module):
         layout = block_layout(lengths, np.zeros(b, np.int64), np.arange(b), b).to(items.device)
         positions = torch.from_numpy(np.arange(len(items)) - np.repeat(np.cumsum(lengths) - lengths, lengths))
         positions = positions.to(items.device)
-        x = self._embed(self.item_emb(items) * math.sqrt(self.config.hidden), positions)
+        x = self.emb_dropout(self.item_emb(items) * math.sqrt(self.config.hidden) + self.pos_emb(positions))
         hidden, _, _ = self.run_layers(x, positions, layout, None)
         return hidden
 
@@ -315,14 +297,7 @@ class HSTU(nn.Module):
         return self.config.num_heads, self.attention_dim
 
     def embed_rows(self, items: torch.Tensor, rows: ItemRows) -> torch.Tensor:
-        """Input rows: scaled item embeddings, the T vectors, plus the rows' position embeddings."""
-        device = items.device
-        x = self.item_emb.weight.new_zeros(rows.num_rows, self.config.hidden)
-        x = x.index_copy(0, torch.from_numpy(rows.item_row).to(device), self.item_emb(items))
-        x = x * math.sqrt(self.config.hidden)  # on items only: the T rows are zero so far
-        tokens = self.token_emb(torch.from_numpy(rows.token_slot).to(device))
-        x = x.index_copy(0, torch.from_numpy(rows.token_row).to(device), tokens)
-        return self._embed(x, torch.from_numpy(rows.positions).to(device))
+        return embed_item_rows(self, items, rows)
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, layout: BlockLayout, state: PersrecState | None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from patchrec.baselines.inputs import check_packed, embed_item_rows
 from patchrec.persrec.attention import segmented_attention
 from patchrec.persrec.layout import BlockLayout, ItemRows
 from patchrec.persrec.sequence import PersrecConfig, PersrecState, persrec_hidden
@@ -132,12 +133,7 @@ class SASRec(nn.Module):
         cu_seqlens: int32 [B+1], sequence ``b`` is ``items[cu_seqlens[b]:cu_seqlens[b+1]]``.
         max_seqlen: the longest sequence, at most ``config.max_len``.
         """
-        if items.ndim != 1:
-            raise ValueError(f"items must be 1-D [T], got shape {tuple(items.shape)}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != items.numel():
-            raise ValueError("cu_seqlens must be 1-D [B+1] ending at len(items)")
-        if max_seqlen > self.config.max_len:
-            raise ValueError(f"max_seqlen ({max_seqlen}) exceeds config.max_len ({self.config.max_len})")
+        check_packed(items, cu_seqlens, max_seqlen, self.config.max_len)
         if self.persrec.tokens:
             return persrec_hidden(self, items, cu_seqlens)
         cu_seqlens = cu_seqlens.to(device=items.device, dtype=torch.int32)
@@ -160,19 +156,7 @@ class SASRec(nn.Module):
         return self.config.num_heads, self.config.hidden // self.config.num_heads
 
     def embed_rows(self, items: torch.Tensor, rows: ItemRows) -> torch.Tensor:
-        """Input rows: scaled item embeddings, the T vectors, plus the rows' position embeddings."""
-        device = items.device
-        x = self.item_emb.weight.new_zeros(rows.num_rows, self.config.hidden)
-        x = x.index_copy(0, torch.from_numpy(rows.item_row).to(device), self.item_emb(items))
-        x = x * math.sqrt(self.config.hidden)  # on items only: the T rows are zero so far
-        tokens = self.token_emb(torch.from_numpy(rows.token_slot).to(device))
-        x = x.index_copy(0, torch.from_numpy(rows.token_row).to(device), tokens)
-        if rows.positions.size and int(rows.positions.max()) >= self.pos_emb.num_embeddings:
-            raise ValueError(
-                f"row position {int(rows.positions.max())} exceeds the position table "
-                f"({self.pos_emb.num_embeddings} rows, config.max_len {self.config.max_len} items)"
-            )
-        return self.emb_dropout(x + self.pos_emb(torch.from_numpy(rows.positions).to(device)))
+        return embed_item_rows(self, items, rows)
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, layout: BlockLayout, state: PersrecState | None
