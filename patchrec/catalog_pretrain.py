@@ -10,6 +10,7 @@ tokenizer) that any training stage accepts as ``init``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
                        out: str | Path, *, preset: str = "tiny", config: CatalogTextConfig | None = None,
                        ) -> CatalogTextResult:  # fmt: skip
     """Train a ``preset`` Llama from random init on catalog texts; writes ``out/model`` (+ tokenizer)."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     from patchrec.checkpoint import save_model_dir
     from patchrec.model import PackedLlama, llama_config
@@ -77,13 +78,9 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     lm.train()
     groups, _ = param_groups(lm, config.weight_decay)  # the training stages' AdamW groups
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    warmup = max(1, int(config.steps * config.warmup_ratio))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, config.steps - warmup)
-        return 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+    # The training stages' schedule (patchrec.train): linear warmup, then cosine decay to 0.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps),
+                                                config.steps)
 
     start = time.perf_counter()
     tokens = 0
@@ -97,14 +94,13 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
             ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(x)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_at(step)
         loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), config.grad_clip)
         optimizer.step()
+        scheduler.step()
         tokens += int(mask.sum())
         loss_value = float(loss.detach())
     seconds = time.perf_counter() - start

@@ -117,7 +117,9 @@ def persrec_plan(n: int, segment: int, old: str = "item") -> Plan:
 
 def persrec_old_items(n, segment: int):
     """History items in full old segments (before the 1..segment recent items); 0 for an empty history."""
-    return (np.maximum(n, 1) - 1) // segment * segment
+    from patchrec.persrec.layout import num_segments
+
+    return num_segments(np.maximum(n, 1), segment) * segment
 
 
 def _random_plan(n: int, p: float, rng: np.random.Generator, kind: int) -> Plan:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from patchrec.cli import main
+from patchrec.data.release import load_release
+from patchrec.demo import DemoConfig, _synthetic
 
 # The demo trains and ranks with the pure-PyTorch references, not the Triton interpreter.
 pytestmark = pytest.mark.usefixtures("reference_ops")
@@ -50,6 +54,29 @@ def test_quick_demo(tmp_path, capsys):
         assert (out / stage / "model" / "config.json").is_file()
         assert (out / stage / "model" / "tokenizer.json").is_file()
     assert config("pft-i")["init"] == str(out / "pretrain")
+    # Every stage trains on the dataset the demo ranks: the release directory it wrote from the generator
+    # with the demo's options (drift_length is not a TrainConfig field, so "synthetic" could not carry it).
+    for stage in ("vanilla", "pretrain", "pft-i", "vanilla-short"):
+        assert config(stage)["data"] == str(out / "data")
+    assert results["config"]["drift_length"] == DemoConfig.quick().drift_length
+    data, expected = load_release(out / "data"), _synthetic(DemoConfig.quick())
+    assert data.titles == expected.titles
+    assert np.array_equal(data.items, expected.items)
+    assert np.array_equal(data.user_offsets, expected.user_offsets)
+    for split in ("train", "val", "test"):
+        assert np.array_equal(data.splits[split], expected.splits[split])
+    other = _synthetic(dataclasses.replace(DemoConfig.quick(), drift_length=50.0))
+    assert not np.array_equal(other.items, expected.items)  # the option reaches the generator
+
+
+def test_demo_default_split():
+    """The default's fair split: every recommender the same steps; PFT-I spends most of them on PFT-I."""
+    demo = DemoConfig()
+    half = round(demo.steps * demo.pretrain_share)
+    assert 0 < half < demo.steps - half
+    assert demo.short_items > demo.k  # the equal-compute row reads more raw items than PFT-I keeps as text
+    backbone = DemoConfig.for_backbone("model")
+    assert backbone.catalog_steps == 0 and backbone.backbone == "model"
 
 
 def test_catalog_texts_group_one_topic():
