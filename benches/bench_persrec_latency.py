@@ -84,7 +84,7 @@ def test_llm_prefill(benchmark, llm_setup, method, n):
     with torch.inference_mode():
         if method == "persrec":
             state, embeds, positions, final_rows = split_state(model, batch)
-            state_rows = int(state.rows.sum())
+            state_rows = int(state.rows().sum())
             lengths, ids = batch.cu_seqlens.diff().long(), batch.sample_ids
 
             def run():

@@ -187,11 +187,11 @@ def test_cached_state_scores_equal_the_whole_prompt_and_the_reference(setup, ref
     # The state: the prefix block and k rows per old segment, per layer; what a continuation sees.
     segs = (samples.history_lengths[ids] - 1) // SEGMENT
     prefix = int(batch.layout.cu_q[1])
-    assert state.rows.tolist() == (prefix + segs * TOKENS).tolist()
-    assert full.cu_seqlens.diff().tolist() == (state.rows + torch.as_tensor(
-        (batch.cu_seqlens.diff() - state.next_position).numpy())).tolist()  # fmt: skip
+    assert state.rows().tolist() == (prefix + segs * TOKENS).tolist()
+    final_rows = batch.cu_seqlens.diff().numpy() - state.next_position
+    assert full.cu_seqlens.diff().tolist() == (state.rows() + final_rows).tolist()
     # layers x (K, V) x Hkv x Dh x fp32 bytes per state row
-    assert state.bytes_per_sequence()[0] == state.rows[0] * 2 * 2 * 2 * 32 * 4
+    assert state.nbytes()[0] == state.rows()[0] * 2 * 2 * 2 * 32 * 4
 
     # One eager forward of [prompt ++ title] per (sample, title), title rows RECENT.
     reference = eager_reference(model).eval()

@@ -27,30 +27,10 @@ from patchrec.data.dataset import ragged_arange
 from patchrec.pack import PackedBatch
 from patchrec.persrec.attention import block_keys, block_state, segmented_attention
 from patchrec.persrec.layout import BlockLayout, block_layout
+from patchrec.persrec.sequence import PersrecState
 from patchrec.rank_exact import PromptCache, _layer_loop, log_softmax_rows
 
 CACHE_MODES = ("on", "off")
-
-
-@dataclass
-class PersrecState:
-    """Per layer keys/values (after RoPE) of each sequence's carried rows (prefix + T rows), by sequence."""
-
-    keys: list[torch.Tensor]  # per layer [S, Hkv, Dh]
-    values: list[torch.Tensor]  # per layer [S, Hkv, Dh]
-    cu_state: torch.Tensor  # int64 [Q+1]: sequence q's state rows are cu_state[q] .. cu_state[q+1]-1
-    next_position: torch.Tensor  # int64 [Q]: rows folded so far = RoPE position of the sequence's next row
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """int64 [Q] state rows of each sequence."""
-        return self.cu_state.diff()
-
-    def bytes_per_sequence(self) -> torch.Tensor:
-        """int64 [Q]: bytes of each sequence's state over all layers (keys and values)."""
-        per_row = sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size()
-                      for k, v in zip(self.keys, self.values, strict=True))  # fmt: skip
-        return self.rows * per_row
 
 
 @dataclass(frozen=True)
@@ -85,7 +65,7 @@ def encode_state(
     position_ids: torch.Tensor,
     layout: BlockLayout,
     *,
-    next_position: torch.Tensor,
+    next_position: np.ndarray,
     context: PersrecState | None = None,
 ) -> PersrecState:
     """Run rows made only of carried blocks (the prefix and / or whole old segments, each ending in its T
@@ -102,7 +82,8 @@ def encode_state(
         return segmented_attention(q, k, v, layout, scale=scale, context_k=ck, context_v=cv)
 
     _layer_loop(model, embeds, position_ids, attend)
-    return PersrecState(keys, values, layout.cu_state, next_position)
+    positions = block_state(position_ids, layout, None if context is None else context.positions)
+    return PersrecState(keys, values, positions, layout.cu_state.cpu().numpy(), np.asarray(next_position))
 
 
 def encode_final(
@@ -120,7 +101,7 @@ def encode_final(
     device = embeds.device
     q = len(final_rows)
     layout = block_layout(final_rows, np.zeros(q, dtype=np.int64), np.arange(q), q,
-                          context_rows=state.rows.cpu().numpy()).to(device)  # fmt: skip
+                          context_rows=state.rows()).to(device)  # fmt: skip
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
 
@@ -180,8 +161,8 @@ def split_state(model, batch: PackedBatch) -> tuple[PersrecState, torch.Tensor, 
     old_layout = block_layout(blocks.rows[~blocks.final], blocks.carried[~blocks.final],
                               blocks.seq[~blocks.final], nseq).to(device)  # fmt: skip
     old_t, fin_t = torch.as_tensor(old, device=device), torch.as_tensor(fin, device=device)
-    next_position = torch.as_tensor(np.bincount(blocks.seq[~blocks.final], blocks.rows[~blocks.final],
-                                                minlength=nseq).astype(np.int64), device=device)  # fmt: skip
+    old_rows = np.bincount(blocks.seq[~blocks.final], blocks.rows[~blocks.final], minlength=nseq)
+    next_position = old_rows.astype(np.int64)  # bincount with weights counts in float
     state = encode_state(model, embeds.index_select(0, old_t), batch.position_ids.index_select(0, old_t),
                          old_layout, next_position=next_position)  # fmt: skip
     final_embeds, final_positions = embeds.index_select(0, fin_t), batch.position_ids.index_select(0, fin_t)
@@ -202,5 +183,5 @@ def state_rows(prefix_rows: int, lengths: np.ndarray, segment: int, tokens: int)
     return prefix_rows + persrec_old_items(np.asarray(lengths, dtype=np.int64), segment) // segment * tokens
 
 
-__all__ = ["CACHE_MODES", "Blocks", "PersrecState", "encode_cached", "encode_final", "encode_full",
+__all__ = ["CACHE_MODES", "Blocks", "encode_cached", "encode_final", "encode_full",
            "encode_state", "split_state", "state_rows"]  # fmt: skip

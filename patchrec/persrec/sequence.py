@@ -44,7 +44,8 @@ class PersrecConfig:
 
 @dataclass
 class PersrecState:
-    """Per-user PerSRec state of B users: every layer's keys/values at the T-token rows folded so far.
+    """Per-user PerSRec state of B users: every layer's keys/values at the carried rows folded so far (the
+    T-token rows; on the LLM also the prompt prefix, keys after RoPE: ``patchrec.persrec.llm``).
 
     User ``b``'s rows are ``cu_state[b] : cu_state[b+1]`` of every tensor; ``next_position[b]`` is the
     position of the user's next row (the rows consumed so far), so that a later block continues the row
