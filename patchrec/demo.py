@@ -1,16 +1,15 @@
 """The end-to-end demo on a fresh machine with no files: synthetic data (written as a release directory that
 every training stage reads, so generator options such as ``drift_length`` reach them) -> title BPE -> a
-``tiny`` Llama
-trained on catalog text (``patchrec.catalog_pretrain``: what pre-training gives a real LLM, token
-embeddings that mean something, so that patches do too) -> from that backbone, with the same optimizer steps
-of the same batch size each: vanilla SFT on the full history, patch pre-training then PFT-I, and vanilla SFT
-on the newest items only (about PFT-I's history rows: the equal-compute row) -> exact whole-catalog ranking
-on the test split, next to popularity and a topic-count oracle with the full vs the short history (how much
-the old history matters).
+``tiny`` Llama trained on catalog text (``patchrec.catalog_pretrain``: what pre-training gives a real LLM,
+token embeddings that mean something, so that patches do too) -> from that backbone, with the same optimizer
+steps of the same batch size each: vanilla SFT on the full history, patch pre-training then PFT-I, and
+vanilla SFT on the newest items only (about PFT-I's history rows: the equal-compute row) -> exact
+whole-catalog ranking on the test split, next to popularity and a topic-count oracle with the full vs the
+short history (how much the old history matters).
 
-Sizes are chosen so that the full demo finishes in about 5 minutes on a 2-core CPU (315 s measured, one
-thread; about 9.5 minutes while other jobs shared the two cores) (``--quick``: a
-seconds-long smoke run; ``--backbone PATH``: the same comparison from a real model at CPU-sized settings).
+Sizes are chosen so that the full demo finishes in about 5 minutes on a 2-core CPU (315 s measured with one
+thread; other jobs on the same two cores can nearly double it), ``--quick`` is a seconds-long smoke run and
+``--backbone PATH`` the same comparison from a real model at CPU-sized settings.
 """
 
 from __future__ import annotations
@@ -156,6 +155,9 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
     from patchrec.tokens import load_tokenizer, tokenize_dataset
     from patchrec.train import random_subset
 
+    half = round(demo.steps * demo.pretrain_share)
+    if not 0 < half < demo.steps:  # a stage of 0 steps would mean one epoch (TrainConfig.max_steps = 0)
+        raise ValueError(f"pretrain_share {demo.pretrain_share} of {demo.steps} steps leaves a stage empty")
     out.mkdir(parents=True, exist_ok=True)
     dataset = _synthetic(demo)
     write_release(dataset, out / "data", overwrite=True)
@@ -184,7 +186,6 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
             dataset.titles, topic_of_item, out / "tokenizer", out / "catalog", preset="tiny",
             config=CatalogTextConfig(steps=demo.catalog_steps, batch_size=32, lr=demo.lr, seed=demo.seed))
         backbone, catalog_seconds = str(catalog.model_dir), catalog.seconds
-    half = round(demo.steps * demo.pretrain_share)
     vanilla = _stage(demo, "vanilla", out / "vanilla", backbone, demo.steps, progress)
     stage1 = _stage(demo, "pretrain", out / "pretrain", backbone, half, progress)
     stage2 = _stage(demo, "pft-i", out / "pft-i", str(out / "pretrain"), demo.steps - half, progress)
@@ -238,7 +239,8 @@ def main(
 ) -> str:
     """Run the demo (in a temporary directory unless ``out``); returns the printed table."""
     if backbone and quick:
-        demo = dataclasses.replace(DemoConfig.quick(), backbone=backbone, catalog_steps=0, lr=1e-4, steps=2)
+        demo = dataclasses.replace(DemoConfig.quick(), backbone=backbone, catalog_steps=0, lr=1e-4, steps=2,
+                                   pretrain_share=0.5)
     elif backbone:
         demo = DemoConfig.for_backbone(backbone)
     else:

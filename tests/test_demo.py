@@ -10,7 +10,7 @@ import pytest
 
 from patchrec.cli import main
 from patchrec.data.release import load_release
-from patchrec.demo import DemoConfig, _synthetic
+from patchrec.demo import DemoConfig, _synthetic, run_demo
 
 # The demo trains and ranks with the pure-PyTorch references, not the Triton interpreter.
 pytestmark = pytest.mark.usefixtures("reference_ops")
@@ -69,12 +69,14 @@ def test_quick_demo(tmp_path, capsys):
     assert not np.array_equal(other.items, expected.items)  # the option reaches the generator
 
 
-def test_demo_default_split():
+def test_demo_default_split(tmp_path):
     """The default's fair split: every recommender the same steps; PFT-I spends most of them on PFT-I."""
     demo = DemoConfig()
     half = round(demo.steps * demo.pretrain_share)
     assert 0 < half < demo.steps - half
     assert demo.short_items > demo.k  # the equal-compute row reads more raw items than PFT-I keeps as text
+    with pytest.raises(ValueError, match="leaves a stage empty"):
+        run_demo(dataclasses.replace(DemoConfig.quick(), steps=2, pretrain_share=0.2), tmp_path)
     backbone = DemoConfig.for_backbone("model")
     assert backbone.catalog_steps == 0 and backbone.backbone == "model"
 
