@@ -196,6 +196,8 @@ class CachedUser:
     any exist). ``add`` appends interactions and folds every full segment that is no longer among the recent
     items; ``scores`` ranks the catalog from the state and the recent items only. After any sequence of
     ``add`` calls the scores equal the full forward over the whole history (``tests/test_persrec_models.py``).
+    Rows keep their position in the whole history, so the history must fit the model's position table
+    (``config.max_len`` items); a longer one is a ``ValueError`` naming the table.
 
         user = CachedUser(model, history)      # or CachedUser(model) for a new user
         user.add([item])                       # a new interaction: folds a segment when one is complete
