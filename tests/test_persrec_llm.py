@@ -310,3 +310,34 @@ def test_bad_persrec_values_name_the_flag(setup, tmp_path, capsys):
     # More T tokens than the tokenisation holds.
     with pytest.raises(ValueError, match="--persrec-tokens 5"):
         next(iter_batches(samples, make_planner("persrec", tokens=5), td, max_rows=10**6))
+
+
+def test_llm_state_folds_one_segment_at_a_time(setup):
+    # The incremental path: the prefix state first, then each old segment folded into it, as interactions
+    # arrive; the result equals the state split_state builds in one pass over prefix + all segments.
+    _, _, _, td, samples = setup
+    from patchrec.persrec.layout import block_layout
+    from patchrec.persrec.llm import Blocks, encode_state
+
+    planner = make_planner("persrec", segment=SEGMENT, tokens=TOKENS)
+    model = PackedLlama.from_preset("tiny", td.vocab_size, seed=6).eval()
+    sid = int(np.flatnonzero(samples.history_lengths == 10)[0])  # 3 old segments, 1 recent item
+    (batch,) = list(iter_batches(samples, planner, td, max_rows=10**6, order=np.array([sid]), answer=False))
+    blocks = Blocks.of(batch)
+    assert len(blocks.rows) == 5  # prefix, 3 segments, final
+    with torch.no_grad():
+        whole = split_state(model, batch)[0]
+        embeds = model.embed(batch)
+        state = None
+        for b in range(4):
+            rows = torch.arange(int(blocks.start[b]), int(blocks.start[b] + blocks.rows[b]))
+            context = None if state is None else state.rows()
+            layout = block_layout(blocks.rows[b : b + 1], blocks.carried[b : b + 1], np.zeros(1), 1, context)
+            done = int(blocks.start[b] + blocks.rows[b])
+            state = encode_state(model, embeds[rows], batch.position_ids[rows], layout,
+                                 next_position=np.array([done]), context=state)  # fmt: skip
+    assert state.rows().tolist() == whole.rows().tolist() == [int(blocks.rows[0]) + 3 * TOKENS]
+    assert state.next_position.tolist() == whole.next_position.tolist()
+    for a, b in zip(state.keys + state.values, whole.keys + whole.values, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.positions, whole.positions)
