@@ -1,6 +1,6 @@
-"""Per-user cost of the two whole-catalog rankings of ``patchrec.evaluate``: exact log-likelihood of every
-title vs the authors' trie-constrained diverse beam search (20 beams in 20 groups, diversity 0.8), same model,
-same prompts.
+"""Per-user cost of the two whole-catalog rankings of ``patchrec.eval.evaluate``: exact log-likelihood of
+every title vs the authors' trie-constrained diverse beam search (20 beams in 20 groups, diversity 0.8), same
+model, same prompts.
 
 Setting: ML-100K test samples of 2 distinct users (the first test sample of each of the first two users that
 have one), PFT-S with G = 20 (the paper's ML-100K setting), L = 100, the Llama-3 tokenizer. CPU: the tiny
@@ -23,8 +23,8 @@ TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-100K release, Llama-3 tokenizer) not available", allow_module_level=True)
 
-from patchrec.model import PackedLlama  # noqa: E402
-from patchrec.plan import make_planner  # noqa: E402
+from patchrec.batching.plan import make_planner  # noqa: E402
+from patchrec.model.llama import PackedLlama  # noqa: E402
 
 USERS, LENGTH, GROUP_SIZE, BEAMS = 2, 100, 20, 20
 PLAN = "pft-s"
@@ -35,12 +35,12 @@ PLAN = "pft-s"
 @pytest.fixture(scope="module")
 def setup():
     try:
-        from patchrec.evaluate import evaluate
+        from patchrec.eval.evaluate import evaluate
     except ImportError as exc:
-        pytest.skip(f"patchrec.evaluate is not available yet ({exc})")
+        pytest.skip(f"patchrec.eval.evaluate is not available yet ({exc})")
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.data.release import load_release
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
 
     dataset = load_release(DATA)
     tokens = tokenize_dataset(load_tokenizer(TOKENIZER), dataset)

@@ -9,7 +9,7 @@ Cases (``plan`` / ``L`` = history items in the prompt):
 Two groups:
 - ``inference_prefill``: the prompt's forward pass alone (``PackedLlama.hidden_states`` on the packed prompt,
   no answer rows): where the plans differ.
-- ``inference_rank``: prompt prefill + whole-catalog exact ranking, ``patchrec.evaluate.evaluate(...,
+- ``inference_rank``: prompt prefill + whole-catalog exact ranking, ``patchrec.eval.evaluate.evaluate(...,
   ranking="exact")``: every distinct title scored as the answer from the prompt's cached keys/values. Its
   cost adds a catalog term that no plan changes (titles x title rows through the decoder and output head);
   on CPU with the tiny model that term dominates (~40 s a user), so only L = 350 and the full history run
@@ -36,10 +36,10 @@ TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-1M release, Llama-3 tokenizer) not available", allow_module_level=True)
 
+from patchrec.batching.pack import pack_batch  # noqa: E402
+from patchrec.batching.plan import make_planner  # noqa: E402
 from patchrec.data.dataset import Samples  # noqa: E402
-from patchrec.model import PackedLlama  # noqa: E402
-from patchrec.pack import pack_batch  # noqa: E402
-from patchrec.plan import make_planner  # noqa: E402
+from patchrec.model.llama import PackedLlama  # noqa: E402
 
 USERS = 2 if HAS_CUDA else 1
 MIN_INTERACTIONS = 500
@@ -71,8 +71,8 @@ def max_items_in_budget(plan: str, budget_rows: int, title_tokens: float, prompt
 
 @pytest.fixture(scope="module")
 def setup():
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
 
     dataset = load_release(DATA)
     tokens = tokenize_dataset(load_tokenizer(TOKENIZER), dataset)
@@ -157,7 +157,7 @@ def test_prefill(benchmark, setup, plan, length):
 
 @pytest.mark.parametrize("plan,length", RANK_CASES, ids=[f"{p}-{n or 'full'}" for p, n in RANK_CASES])
 def test_prefill_exact_rank(benchmark, setup, plan, length):
-    evaluate = pytest.importorskip("patchrec.evaluate").evaluate
+    evaluate = pytest.importorskip("patchrec.eval.evaluate").evaluate
     dataset, tokens, users, model, _ = setup
     samples = user_samples(dataset, users, length)
     planner = _planner(plan)

@@ -24,9 +24,9 @@ MAX_ROWS = 16384
 def ml1m():
     if not (DATA.exists() and TOKENIZER.exists()):
         pytest.skip(f"{SHARED} (ML-1M release, Llama-3 tokenizer) not available")
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.data.release import load_release
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
 
     dataset = load_release(DATA)
     tokens = tokenize_dataset(load_tokenizer(TOKENIZER), dataset)
@@ -34,8 +34,8 @@ def ml1m():
 
 
 def test_pack_ml1m_train_pft_i(benchmark, ml1m):
-    from patchrec.pack import iter_batches
-    from patchrec.plan import make_planner
+    from patchrec.batching.pack import iter_batches
+    from patchrec.batching.plan import make_planner
 
     samples, tokens = ml1m
     planner = make_planner("pft-i", k=5)

@@ -3,7 +3,7 @@ with a cached state, and PFT-S, on one user whose history is ``n`` random ML-1M 
 
 LLM group ``persrec_llm`` (tiny preset on CPU / Llama-3.2-1B shapes on CUDA, random weights, Llama-3
 tokenizer, ML-1M titles): the prompt's prefill up to the first answer-token distribution
-(``rank_exact.encode_prompts``: what exact ranking and beam search start from).
+(``patchrec.eval.exact.encode_prompts``: what exact ranking and beam search start from).
 - ``vanilla``: the whole history as text; its state is the prompt's KV cache (every row).
 - ``pft-s``: session patches of G items (the newest G as text); state = its KV cache.
 - ``persrec``: segments of SEGMENT items as item patches + K T tokens, the newest 1..SEGMENT items as
@@ -28,9 +28,9 @@ TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-1M release, Llama-3 tokenizer) not available", allow_module_level=True)
 
+from patchrec.batching.pack import pack_batch  # noqa: E402
+from patchrec.batching.plan import make_planner  # noqa: E402
 from patchrec.data.dataset import Dataset, Samples  # noqa: E402
-from patchrec.pack import pack_batch  # noqa: E402
-from patchrec.plan import make_planner  # noqa: E402
 
 HISTORY = [100, 500, 1000, 2000, 5000]
 SEGMENT, TOKENS, GROUP = 50, 4, 20
@@ -44,9 +44,9 @@ def _rounds(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def llm_setup():
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
-    from patchrec.model import PackedLlama
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
+    from patchrec.model.llama import PackedLlama
 
     base = load_release(DATA)
     tokens = tokenize_dataset(load_tokenizer(TOKENIZER), base, persrec_tokens=TOKENS)
@@ -72,8 +72,8 @@ def kv_row_bytes(model) -> int:
 
 @pytest.mark.parametrize("method,n", LLM_CASES, ids=[f"{m}-{n}" for m, n in LLM_CASES])
 def test_llm_prefill(benchmark, llm_setup, method, n):
+    from patchrec.eval.exact import encode_prompts
     from patchrec.persrec.llm import encode_final, split_state
-    from patchrec.rank_exact import encode_prompts
 
     base, tokens, model = llm_setup
     samples = one_user(base, n)

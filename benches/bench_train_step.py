@@ -47,9 +47,9 @@ TOKENIZER = SHARED / "tokenizers" / "llama3"
 if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-1M release, Llama-3 tokenizer) not available", allow_module_level=True)
 
-from patchrec.model import PackedLlama  # noqa: E402
-from patchrec.pack import pack_batch  # noqa: E402
-from patchrec.plan import make_planner  # noqa: E402
+from patchrec.batching.pack import pack_batch  # noqa: E402
+from patchrec.batching.plan import make_planner  # noqa: E402
+from patchrec.model.llama import PackedLlama  # noqa: E402
 from patchrec_kernels.patch_embed import token_scale  # noqa: E402
 
 BATCH = int(os.environ.get("PATCHREC_BENCH_BATCH", 16 if HAS_CUDA else 4))
@@ -99,8 +99,8 @@ def measure_peak(fn) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def ml1m():
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
 
     dataset = load_release(DATA)
     return dataset, tokenize_dataset(load_tokenizer(TOKENIZER), dataset)

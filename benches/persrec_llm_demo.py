@@ -47,19 +47,19 @@ class Setup:
 
 
 def run(setup: Setup, work: Path, progress: bool) -> dict:
-    from patchrec.catalog_pretrain import CatalogTextConfig, train_catalog_text
+    from patchrec.batching.pack import history_token_counts
+    from patchrec.batching.plan import make_planner
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.data.release import write_release
     from patchrec.data.synthetic import item_topics
     from patchrec.demo import DemoConfig, _synthetic
-    from patchrec.evaluate import evaluate
-    from patchrec.model import PackedLlama
-    from patchrec.pack import history_token_counts
-    from patchrec.plan import make_planner
-    from patchrec.tokenizer_train import train_title_tokenizer
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
-    from patchrec.train import random_subset, train
-    from patchrec.train_config import TrainConfig
+    from patchrec.eval.evaluate import evaluate
+    from patchrec.model.llama import PackedLlama
+    from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
+    from patchrec.train.config import TrainConfig
+    from patchrec.train.loop import random_subset, train
 
     demo = DemoConfig(users=setup.users, items=setup.items, max_items=setup.max_items, seed=setup.seed)
     dataset = _synthetic(demo)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from machine import SHARED
 
-from patchrec.plan import ITEM, SESSION, TEXT, pft_i_plan, pft_s_plan
+from patchrec.batching.plan import ITEM, SESSION, TEXT, pft_i_plan, pft_s_plan
 
 ML1M_TITLES = SHARED / "data" / "patchrec" / "ml-1m" / "id2title.txt"
 LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
@@ -42,7 +42,7 @@ def plan_pieces(
 ) -> list[Piece]:
     """Pieces of one history (oldest item first) under ``plan`` ("pft_i" or "pft_s"), oldest first.
 
-    The grouping comes from ``patchrec.plan``, so the bench lays out exactly what training packs.
+    The grouping comes from ``patchrec.batching.plan``, so the bench lays out exactly what training packs.
     """
     if plan == "pft_i":
         layout = pft_i_plan(len(history), text_items)

@@ -1,9 +1,9 @@
 """The end-to-end demo on a fresh machine with no files: synthetic data (written as a release directory that
 every training stage reads, so generator options such as ``drift_length`` reach them) -> title BPE -> a
-``tiny`` Llama trained on catalog text (``patchrec.catalog_pretrain``: what pre-training gives a real LLM,
-token embeddings that mean something, so that patches do too) -> from that backbone, with the same optimizer
-steps of the same batch size each: vanilla SFT on the full history, patch pre-training then PFT-I, and
-vanilla SFT on the newest items only (about PFT-I's history rows: the equal-compute row) -> exact
+``tiny`` Llama trained on catalog text (``patchrec.train.catalog_pretrain``: what pre-training gives a real
+LLM, token embeddings that mean something, so that patches do too) -> from that backbone, with the same
+optimizer steps of the same batch size each: vanilla SFT on the full history, patch pre-training then PFT-I,
+and vanilla SFT on the newest items only (about PFT-I's history rows: the equal-compute row) -> exact
 whole-catalog ranking on the test split, next to popularity and a topic-count oracle with the full vs the
 short history (how much the old history matters).
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchrec.train_config import TrainConfig
+from patchrec.train.config import TrainConfig
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DemoConfig:
     k: int = 5  # PFT-I: newest items kept as text
     short_items: int = 8  # equal-compute row: vanilla on the newest items only, about PFT-I's history rows
     tokenizer_vocab: int = 2000  # title BPE: large enough that every title word is one token (fewer rows)
-    catalog_steps: int = 1000  # catalog-text stage (patchrec.catalog_pretrain); 0 = none
+    catalog_steps: int = 1000  # catalog-text stage (patchrec.train.catalog_pretrain); 0 = none
     steps: int = 300  # optimizer steps of every recommender (PFT-I: patch pre-training, then PFT-I)
     # PFT-I: share of the steps spent on patch pre-training (the rest: PFT-I). Measured on the default
     # (HR@20 of PFT-I): 0.5 -> 0.423, 0.33 -> 0.461, 0.25 -> 0.481, 0 (no patch pre-training) -> 0.481.
@@ -95,7 +95,7 @@ def _synthetic(demo: DemoConfig):
 
 def _stage(demo: DemoConfig, stage: str, out: Path, init: str, steps: int, progress: bool,
            max_items: int | None = None) -> Any:
-    from patchrec.train import train
+    from patchrec.train.loop import train
 
     # Every stage reads the demo's dataset from the release directory run_demo wrote (out.parent / "data"):
     # the same users, items and splits as the ranking, whatever generator options the demo uses.
@@ -142,18 +142,18 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
     """Train and evaluate everything under ``out``; returns the table rows (also written to results.json)
     and the number of test samples ranked."""
     from patchrec.baselines.popularity import Popularity
-    from patchrec.catalog_pretrain import CatalogTextConfig, train_catalog_text
+    from patchrec.batching.pack import history_token_counts
+    from patchrec.batching.plan import make_planner
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.data.release import write_release
     from patchrec.data.synthetic import item_topics
-    from patchrec.evaluate import evaluate
-    from patchrec.metrics import rank_samples, ranking_metrics
-    from patchrec.model import PackedLlama
-    from patchrec.pack import history_token_counts
-    from patchrec.plan import make_planner
-    from patchrec.tokenizer_train import train_title_tokenizer
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
-    from patchrec.train import random_subset
+    from patchrec.eval.evaluate import evaluate
+    from patchrec.eval.metrics import rank_samples, ranking_metrics
+    from patchrec.model.llama import PackedLlama
+    from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
+    from patchrec.train.loop import random_subset
 
     half = round(demo.steps * demo.pretrain_share)
     if not 0 < half < demo.steps:  # a stage of 0 steps would mean one epoch (TrainConfig.max_steps = 0)

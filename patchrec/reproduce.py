@@ -12,7 +12,7 @@ Output directory::
     reproduce_config.json   the scale and paths of the run (checked on --resume)
     stages/<stage>/         patchrec train runs (model/, checkpoints/, log.jsonl, stage.json); a .gitignore
                             keeps the weights out of version control
-    eval/<row>-<ranking>.json   patchrec.metrics results files (raw ranks included)
+    eval/<row>-<ranking>.json   patchrec.eval.metrics results files (raw ranks included)
     baselines/<name>.json   the ID baselines' results files
     summary.json, summary.md, summary.png
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from patchrec.train_config import PRESETS as TRAIN_PRESETS
+from patchrec.train.config import PRESETS as TRAIN_PRESETS
 
 LLM_ROWS = ("zero-shot", "vanilla", "pft-i", "pft-s")
 BASELINES = ("popularity", "sasrec", "gru4rec")
@@ -76,7 +76,7 @@ SCALES: dict[str, Scale] = {
 
 
 def released(dataset_name: str, stage: str) -> dict[str, Any]:
-    """The released hyper-parameters of a dataset (``patchrec.train_config.PRESETS``), MovieLens defaults."""
+    """The released hyper-parameters of a dataset (``patchrec.train.config.PRESETS``), MovieLens defaults."""
     key = dataset_name if dataset_name in TRAIN_PRESETS else "ml-1m"
     if key == "ml-100k" and stage == "pft-s":
         key = "ml-100k-pft-s"
@@ -139,7 +139,7 @@ class Reproduction:
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def stage_config(self, stage: str):
-        from patchrec.train_config import TrainConfig
+        from patchrec.train.config import TrainConfig
 
         rel = released(self.dataset.name, stage)
         init = self.backbone if STAGE_INIT[stage] is None else str(self.out / "stages" / STAGE_INIT[stage])
@@ -153,7 +153,7 @@ class Reproduction:
         )  # fmt: skip
 
     def train_stage(self, stage: str) -> dict[str, Any]:
-        from patchrec.train import train
+        from patchrec.train.loop import train
 
         done = _json(self.out / "stages" / stage / "stage.json")
         if done is not None:
@@ -172,7 +172,7 @@ class Reproduction:
 
     def test_samples(self):
         from patchrec.data.dataset import make_samples
-        from patchrec.train import random_subset
+        from patchrec.train.loop import random_subset
 
         test = make_samples(self.dataset, "test", self.scale.max_items)
         return random_subset(test, self.scale.test_samples, self.seed + 2)
@@ -180,10 +180,10 @@ class Reproduction:
     def evaluate_row(self, row: str, tokens, test) -> dict[str, Any]:
         import torch
 
-        from patchrec.evaluate import evaluate
-        from patchrec.metrics import write_results
-        from patchrec.model import PackedLlama
-        from patchrec.plan import make_planner
+        from patchrec.batching.plan import make_planner
+        from patchrec.eval.evaluate import evaluate
+        from patchrec.eval.metrics import write_results
+        from patchrec.model.llama import PackedLlama
 
         stages, plan = ROW_STAGES[row]
         config = self.stage_config(stages[-1]) if stages else None
@@ -216,7 +216,7 @@ class Reproduction:
         from patchrec.baselines import TrainConfig as IDTrainConfig
         from patchrec.baselines.train import evaluate, fit
         from patchrec.commands.baseline import DEFAULT_LR
-        from patchrec.metrics import rank_samples, write_results
+        from patchrec.eval.metrics import rank_samples, write_results
 
         path = self.out / "baselines" / f"{name}.json"
         if path.is_file():
@@ -243,10 +243,10 @@ class Reproduction:
 
     # ---- the run ---------------------------------------------------------------------------------------
     def run(self) -> list[RowResult]:
-        from patchrec.pack import history_token_counts
-        from patchrec.plan import make_planner
+        from patchrec.batching.pack import history_token_counts
+        from patchrec.batching.plan import make_planner
+        from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
         from patchrec.stats import nominal_ratio
-        from patchrec.tokens import load_tokenizer, tokenize_dataset
 
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         (self.out / "reproduce_config.json").write_text(json.dumps(self.record, indent=1) + "\n")

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from patchrec.batching.pack import history_token_counts
+from patchrec.batching.plan import TEXT, Planner, make_planner
+from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import SPLITS, Dataset, make_samples
-from patchrec.pack import history_token_counts
-from patchrec.plan import TEXT, Planner, make_planner
-from patchrec.tokens import TokenizedDataset
 
 PFT_I_K = 5  # the paper's main-table K
 

@@ -42,7 +42,7 @@ import torch
 
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# (token ids, segment offsets, row offsets): uniform layouts, and what patchrec.pack produces.
+# (token ids, segment offsets, row offsets): uniform layouts, and what patchrec.batching.pack produces.
 INDEX_LAYOUTS = {
     "int32": (torch.int32, torch.int32, torch.int32),
     "int64": (torch.int64, torch.int64, torch.int64),

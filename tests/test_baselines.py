@@ -14,7 +14,7 @@ from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRe
 from patchrec.baselines.train import cu_seqlens_of, evaluate, fit, training_windows
 from patchrec.data.dataset import Dataset, make_samples
 from patchrec.data.synthetic import make_synthetic
-from patchrec.metrics import rank_samples, ranking_metrics
+from patchrec.eval.metrics import rank_samples, ranking_metrics
 
 NUM_ITEMS = 37
 LENGTHS = [1, 5, 17, 3, 12]  # odd sizes and a one-item sequence

@@ -9,10 +9,10 @@ import pytest
 from conftest import LLAMA3_TOKENIZER, shared_path
 from tiny_data import build_tiny_tokenizer, tiny_dataset
 
+from patchrec.batching.tokens import load_tokenizer
 from patchrec.cli import main
 from patchrec.data.dataset import make_samples
 from patchrec.data.release import write_release
-from patchrec.tokens import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_demo_default_split(tmp_path):
 def test_catalog_texts_group_one_topic():
     import numpy as np
 
-    from patchrec.catalog_pretrain import catalog_texts
+    from patchrec.train.catalog_pretrain import catalog_texts
 
     titles = [f"t{i}" for i in range(12)]
     topic = np.arange(12) % 3

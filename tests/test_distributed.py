@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from patchrec.checkpoint import latest_checkpoint
+from patchrec.batching.plan import make_planner
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.distributed import balanced_bounds, even_bounds, greedy_bounds, shard_step
-from patchrec.model import PackedLlama
-from patchrec.parallel import _by_index, _by_name, param_groups
-from patchrec.plan import make_planner
-from patchrec.tokens import load_tokenizer, tokenize_dataset
-from patchrec.train import load_dataset, step_micro_batches, step_samples, total_steps_of, train
-from patchrec.train_config import preset
+from patchrec.model.llama import PackedLlama
+from patchrec.train.checkpoint import latest_checkpoint
+from patchrec.train.config import preset
+from patchrec.train.distributed import balanced_bounds, even_bounds, greedy_bounds, shard_step
+from patchrec.train.loop import load_dataset, step_micro_batches, step_samples, total_steps_of, train
+from patchrec.train.parallel import _by_index, _by_name, param_groups
 
 # tests/test_train.py's small synthetic problem; 15 training samples in steps of 7 make the third step a
 # single sample, so one of two ranks has nothing to do there (it must still join the collectives).
@@ -144,7 +144,7 @@ def test_balanced_bounds():
 @pytest.fixture(scope="module")
 def small_tokens(tmp_path_factory):
     config = config_of(tmp_path_factory.mktemp("tok"))
-    from patchrec.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
 
     dataset = load_dataset(config)
     tok_dir = tmp_path_factory.mktemp("bpe")
@@ -226,7 +226,7 @@ def test_optimizer_state_by_name_round_trip():
 
 
 def _fake_batch():
-    from patchrec.pack import PackedBatch
+    from patchrec.batching.pack import PackedBatch
 
     n = 7
     return PackedBatch(
@@ -294,7 +294,7 @@ def test_a_failing_rank_stops_the_job(tmp_path):
     """One rank raises while the other waits in a collective: the job ends with that error, not a hang."""
     script = tmp_path / "fail.py"
     script.write_text(textwrap.dedent("""
-        from patchrec.distributed import distributed
+        from patchrec.train.distributed import distributed
 
         with distributed(60, "cpu") as ctx:
             if ctx.rank == 1:

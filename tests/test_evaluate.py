@@ -15,16 +15,16 @@ import torch
 from tiny_data import build_tiny_tokenizer, tiny_dataset
 from transformers import LlamaForCausalLM
 
+from patchrec.batching.pack import iter_batches
+from patchrec.batching.pack_reference import ReferencePacker
+from patchrec.batching.plan import make_planner
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.evaluate import evaluate, exact_item_scores, limit_samples, rank_in_returned
-from patchrec.metrics import full_ranks, rank_samples
-from patchrec.model import PackedLlama
-from patchrec.pack import iter_batches
-from patchrec.pack_reference import ReferencePacker
-from patchrec.plan import make_planner
-from patchrec.rank_beam import PROTOCOLS, TitleTrie, beam_search
-from patchrec.rank_exact import CatalogTitles, encode_prompts, score_titles
-from patchrec.tokens import load_tokenizer, tokenize_dataset
+from patchrec.eval.beam import PROTOCOLS, TitleTrie, beam_search
+from patchrec.eval.evaluate import evaluate, exact_item_scores, limit_samples, rank_in_returned
+from patchrec.eval.exact import CatalogTitles, encode_prompts, score_titles
+from patchrec.eval.metrics import full_ranks, rank_samples
+from patchrec.model.llama import PackedLlama
 
 DUP_OF, DUP = 3, 6  # item 6 ("Babe") is renamed to item 3's title ("Heat"): one title, two items
 

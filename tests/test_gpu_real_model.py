@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import shared_path
 
-import patchrec.model as model_module
+import patchrec.model.llama as model_module
+from patchrec.batching.pack import pack_batch
+from patchrec.batching.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
 from patchrec.data.source import load_data
-from patchrec.model import PackedLlama
-from patchrec.pack import pack_batch
-from patchrec.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
-from patchrec.tokens import load_tokenizer, tokenize_dataset
+from patchrec.model.llama import PackedLlama
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.varlen_attention import resolve_varlen_backend, varlen_attention
 
@@ -75,10 +75,10 @@ def test_gpu_packed_path_matches_cpu_fp32(real, monkeypatch):
 
 
 def test_gpu_beam_search_with_fused_gqa_attention(real):
-    from patchrec.pack import iter_batches
-    from patchrec.plan import make_planner
-    from patchrec.rank_beam import TitleTrie, beam_search
-    from patchrec.rank_exact import CatalogTitles
+    from patchrec.batching.pack import iter_batches
+    from patchrec.batching.plan import make_planner
+    from patchrec.eval.beam import TitleTrie, beam_search
+    from patchrec.eval.exact import CatalogTitles
 
     tokenizer, dataset, tokens, samples, model = real
     catalog = CatalogTitles.from_table(tokens.titles)

@@ -17,7 +17,7 @@ from patchrec.baselines.hstu import pointwise_attention
 from patchrec.baselines.train import cu_seqlens_of, sample_scorer
 from patchrec.data.dataset import make_samples
 from patchrec.data.synthetic import make_synthetic
-from patchrec.metrics import rank_samples, ranking_metrics
+from patchrec.eval.metrics import rank_samples, ranking_metrics
 from patchrec.persrec import block_layout
 from patchrec.persrec.reference import ITEM, RECENT, TOKEN, item_roles, persrec_mask
 from patchrec.persrec.sequence import cached_scorer, fold_segments, recent_hidden, split_history

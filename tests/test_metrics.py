@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchrec.data.dataset import Dataset, make_samples
-from patchrec.metrics import (
+from patchrec.eval.metrics import (
     full_ranks,
     history_mask_pairs,
     rank_samples,

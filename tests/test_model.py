@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from tiny_data import build_tiny_tokenizer, tiny_dataset
 from transformers import LlamaForCausalLM
 
+from patchrec.batching.pack import pack_batch
+from patchrec.batching.pack_reference import ReferencePacker
+from patchrec.batching.plan import pft_i_plan, pft_s_plan, pretrain_plans, stack_plans, vanilla_plan
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.model import PRESETS, PackedLlama, llama_config
-from patchrec.pack import pack_batch
-from patchrec.pack_reference import ReferencePacker
-from patchrec.plan import pft_i_plan, pft_s_plan, pretrain_plans, stack_plans, vanilla_plan
-from patchrec.tokens import load_tokenizer, tokenize_dataset
+from patchrec.model.llama import PRESETS, PackedLlama, llama_config
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import torch
 from conftest import LLAMA3_TOKENIZER, shared_path
 from tiny_data import build_tiny_tokenizer, tiny_dataset
 
-import patchrec.pack as pack_module
+import patchrec.batching.pack as pack_module
+from patchrec.batching.pack import PackedBatch, iter_batches, pack_batch
+from patchrec.batching.pack_reference import ReferencePacker
+from patchrec.batching.plan import make_planner, stack_plans
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.pack import PackedBatch, iter_batches, pack_batch
-from patchrec.pack_reference import ReferencePacker
-from patchrec.plan import make_planner, stack_plans
-from patchrec.tokens import load_tokenizer, tokenize_dataset
 from patchrec_kernels.reference.patch_embed import patch_embed_reference
 
 MAX_ITEMS = 12  # < longest tiny history, so histories are truncated and PFT-S has sessions with remainders

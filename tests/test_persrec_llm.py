@@ -14,20 +14,20 @@ import torch.nn.functional as F
 from tiny_data import build_tiny_tokenizer, tiny_dataset
 from transformers import LlamaForCausalLM
 
+from patchrec.batching.pack import iter_batches, pack_batch
+from patchrec.batching.pack_reference import ReferencePacker
+from patchrec.batching.plan import make_planner, persrec_plan, stack_plans
+from patchrec.batching.tokens import load_tokenizer, persrec_token_names, tokenize_dataset
 from patchrec.cli import main
 from patchrec.data.dataset import make_samples
-from patchrec.evaluate import evaluate
-from patchrec.model import PackedLlama
-from patchrec.pack import iter_batches, pack_batch
-from patchrec.pack_reference import ReferencePacker
+from patchrec.eval.beam import TitleTrie, beam_search
+from patchrec.eval.evaluate import evaluate
+from patchrec.eval.exact import CatalogTitles, score_titles
+from patchrec.model.llama import PackedLlama
 from patchrec.persrec.llm import encode_full, split_state
 from patchrec.persrec.reference import PREFIX, RECENT, persrec_mask
-from patchrec.plan import make_planner, persrec_plan, stack_plans
-from patchrec.rank_beam import TitleTrie, beam_search
-from patchrec.rank_exact import CatalogTitles, score_titles
-from patchrec.tokens import load_tokenizer, persrec_token_names, tokenize_dataset
-from patchrec.train import load_dataset, train
-from patchrec.train_config import TrainConfig, preset
+from patchrec.train.config import TrainConfig, preset
+from patchrec.train.loop import load_dataset, train
 
 SEGMENT, TOKENS = 3, 2
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchrec.plan import (
+from patchrec.batching.plan import (
     DROP,
     ITEM,
     PAD,

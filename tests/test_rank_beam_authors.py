@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from patchrec.evaluate import rank_in_returned
-from patchrec.model import PackedLlama
-from patchrec.pack import PackedBatch
-from patchrec.rank_beam import PROTOCOLS, TitleTrie, beam_search
-from patchrec.rank_exact import CatalogTitles
-from patchrec.tokens import TitleTable
+from patchrec.batching.pack import PackedBatch
+from patchrec.batching.tokens import TitleTable
+from patchrec.eval.beam import PROTOCOLS, TitleTrie, beam_search
+from patchrec.eval.evaluate import rank_in_returned
+from patchrec.eval.exact import CatalogTitles
+from patchrec.model.llama import PackedLlama
 
 DATA = Path(__file__).with_name("data")
 
@@ -128,7 +128,7 @@ def test_masked_filler_tokens_count_in_the_diversity_penalty(hf446, monkeypatch)
     the later groups of the step; which token torch.topk puts there is an implementation detail (on CPU:
     42 / 43 in this 64-token vocabulary, 0 in Llama-3's 128,256), reproduced by taking the top 2k of the
     full matrix. Without it (only the allowed candidates) the fixture is no longer matched."""
-    import patchrec.rank_beam as rank_beam
+    import patchrec.eval.beam as rank_beam
 
     fixture, model, catalog, trie, batch = hf446
     scores = torch.full((1, 64), -torch.inf)

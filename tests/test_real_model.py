@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import shared_path
 
-from patchrec.backbone import load_causal_lm
+from patchrec.batching.pack import pack_batch
+from patchrec.batching.pack_reference import ReferencePacker
+from patchrec.batching.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
+from patchrec.batching.tokens import history_text, load_tokenizer, render_prompt_text, tokenize_dataset
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, make_samples
 from patchrec.data.source import load_data
-from patchrec.model import PackedLlama
-from patchrec.pack import pack_batch
-from patchrec.pack_reference import ReferencePacker
-from patchrec.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
-from patchrec.tokens import history_text, load_tokenizer, render_prompt_text, tokenize_dataset
+from patchrec.model.backbone import load_causal_lm
+from patchrec.model.llama import PackedLlama
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,8 +103,8 @@ def test_packed_path_matches_transformers_own_forward(real):
 def test_two_training_steps_from_gguf_keep_fp32_and_reload_in_plain_transformers(real, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from patchrec.train import train
-    from patchrec.train_config import TrainConfig
+    from patchrec.train.config import TrainConfig
+    from patchrec.train.loop import train
 
     gguf, _, dataset, tokens, samples, _ = real
     data = str(shared_path("data", "patchrec", "ml-100k"))
@@ -142,10 +142,10 @@ def test_beam_search_returns_twenty_catalog_titles(real, protocol):
     one beam, two groups can end on the same title (the Hamming penalty only separates the groups' tokens
     within one step), and both protocols keep such repeats as transformers does (13 distinct titles on the
     first sample here); the rank rules read the first / last copy."""
-    from patchrec.pack import iter_batches
-    from patchrec.plan import make_planner
-    from patchrec.rank_beam import TitleTrie, beam_search
-    from patchrec.rank_exact import CatalogTitles
+    from patchrec.batching.pack import iter_batches
+    from patchrec.batching.plan import make_planner
+    from patchrec.eval.beam import TitleTrie, beam_search
+    from patchrec.eval.exact import CatalogTitles
 
     _, tokenizer, dataset, tokens, samples, model = real
     catalog = CatalogTitles.from_table(tokens.titles)

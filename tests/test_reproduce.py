@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
     """A random tiny Llama with a title BPE, saved as a Hugging Face directory (a stand-in backbone)."""
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokens import load_tokenizer
     from patchrec.data.source import load_data
-    from patchrec.model import PackedLlama
-    from patchrec.tokenizer_train import train_title_tokenizer
-    from patchrec.tokens import load_tokenizer
+    from patchrec.model.llama import PackedLlama
 
     path = tmp_path_factory.mktemp("backbone")
     dataset = load_data("synthetic")
@@ -68,8 +68,8 @@ def test_reproduce_rows_summary_and_resume(backbone, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("resume retrained or re-evaluated")
 
-    monkeypatch.setattr("patchrec.train.train", refuse)
-    monkeypatch.setattr("patchrec.evaluate.evaluate", refuse)
+    monkeypatch.setattr("patchrec.train.loop.train", refuse)
+    monkeypatch.setattr("patchrec.eval.evaluate.evaluate", refuse)
     again = Reproduction("synthetic", str(backbone), out, SMOKE, resume=True, progress=False).run()
     assert [r.metrics for r in again] == [r.metrics for r in rows]
 

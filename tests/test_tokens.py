@@ -12,8 +12,7 @@ import pytest
 from conftest import LLAMA3_TOKENIZER, shared_path
 from tiny_data import TINY_SYSTEM, TINY_TITLES, TINY_USER, build_tiny_tokenizer, tiny_dataset
 
-from patchrec.data.dataset import make_samples
-from patchrec.tokens import (
+from patchrec.batching.tokens import (
     END_SEQ,
     HISTORY_MARKERS,
     ITEM_SEP,
@@ -26,6 +25,7 @@ from patchrec.tokens import (
     tokenize_dataset,
     tokenize_titles,
 )
+from patchrec.data.dataset import make_samples
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +145,7 @@ def test_chat_template_dates_are_fixed(tiny_tokenizer_dir, monkeypatch):
 
     from transformers.utils import chat_template_utils
 
-    from patchrec.tokens import PROMPT_DATE, render_prompt_text
+    from patchrec.batching.tokens import PROMPT_DATE, render_prompt_text
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     tok.chat_template = DATED_TEMPLATE

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import patchrec.train as train_module
+import patchrec.train.loop as train_module
+from patchrec.batching.plan import make_planner
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.cli import main
 from patchrec.data.dataset import make_samples
-from patchrec.model import PackedLlama
-from patchrec.plan import make_planner
-from patchrec.tokens import load_tokenizer, tokenize_dataset
-from patchrec.train import (
+from patchrec.model.llama import PackedLlama
+from patchrec.train.config import PRESETS, TrainConfig, preset
+from patchrec.train.loop import (
     latest_checkpoint,
     load_dataset,
     load_trainer_state,
@@ -22,7 +23,6 @@ from patchrec.train import (
     total_steps_of,
     train,
 )
-from patchrec.train_config import PRESETS, TrainConfig, preset
 
 # A small synthetic problem: ~150-row samples, a few per micro-batch, a 300-id title BPE.
 SMALL = dict(data="synthetic", synthetic_users=40, synthetic_items=60, synthetic_length=16.0,
@@ -165,7 +165,7 @@ def test_config_round_trip_and_bad_values(tmp_path):
 @pytest.fixture(scope="module")
 def small_tokens(tmp_path_factory):
     config = preset("tiny", **(SMALL | {"out": str(tmp_path_factory.mktemp("tok")), "max_steps": 1}))
-    from patchrec.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
 
     dataset = load_dataset(config)
     tok_dir = tmp_path_factory.mktemp("bpe")
@@ -226,7 +226,7 @@ def test_weights_stay_fp32_from_a_bf16_checkpoint(tmp_path):
     PackedLlama.from_preset("tiny", 400, seed=0).save_pretrained(init, dtype=torch.bfloat16)
     first = PackedLlama.from_pretrained(init)
     assert {p.dtype for p in first.parameters()} == {torch.bfloat16}
-    from patchrec.tokenizer_train import train_title_tokenizer
+    from patchrec.batching.tokenizer_train import train_title_tokenizer
 
     config = small_config(tmp_path, "fp32", stage="vanilla", init=str(init), max_steps=2, lr=1e-5,
                           tokenizer=str(tmp_path / "bpe"))  # fmt: skip

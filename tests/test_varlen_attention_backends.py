@@ -301,7 +301,7 @@ def test_torch_backend_says_when_its_backward_is_not_deterministic(fake_gpu, cap
 
 
 def test_packed_llama_asks_for_deterministic_attention(monkeypatch):
-    import patchrec.model as model_module
+    import patchrec.model.llama as model_module
 
     seen = {}
 

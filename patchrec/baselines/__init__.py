@@ -1,8 +1,8 @@
 """ID-based sequential-recommendation baselines (popularity, SASRec, HSTU, GRU4Rec) and their shared training
 loop.
 
-They rank the whole catalog like the LLM models (``patchrec.metrics``), on the same samples (METHOD.md §4),
-so their numbers sit in the same table.
+They rank the whole catalog like the LLM models (``patchrec.eval.metrics``), on the same samples
+(METHOD.md §4), so their numbers sit in the same table.
 """
 
 from patchrec.baselines.gru4rec import GRU4Rec, GRU4RecConfig

@@ -36,7 +36,7 @@ class Popularity:
         return len(self.counts)
 
     def scorer(self, samples: Samples) -> Callable[[np.ndarray], torch.Tensor]:
-        """``score_fn`` for ``patchrec.metrics.rank_samples``: the same count row for every sample."""
+        """``score_fn`` for ``patchrec.eval.metrics.rank_samples``: the same count row for every sample."""
         if samples.dataset.num_items != self.num_items:
             raise ValueError(
                 f"samples' catalog has {samples.dataset.num_items} items, the model {self.num_items}"

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from patchrec.data.dataset import Dataset, Samples, gather_ragged, make_samples
-from patchrec.metrics import rank_samples, ranking_metrics
+from patchrec.eval.metrics import rank_samples, ranking_metrics
 from patchrec.persrec.sequence import cached_scorer
 
 

@@ -12,8 +12,8 @@ user's cached state (the T tokens' keys/values, built once from the old segments
 ``off`` runs the whole history; both give the same ranks. ``--latency-samples N`` times per-user inference
 (batch 1) on the first N evaluation samples and records it with the state size.
 
-Writes ``results.json`` (``patchrec.metrics.write_results``: metrics, K list, masking flag, tie rule, split,
-dataset, model, config, raw ranks) and ``config.json`` (the resolved configuration) into ``--out``; the
+Writes ``results.json`` (``patchrec.eval.metrics.write_results``: metrics, K list, masking flag, tie rule,
+split, dataset, model, config, raw ranks) and ``config.json`` (the resolved configuration) into ``--out``; the
 neural models also write their selected weights to ``model.pt``.
 """
 
@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--ties",
         choices=("pessimistic", "stable", "optimistic"),
         default="pessimistic",
-        help="how equal scores rank (patchrec.metrics; default pessimistic)",
+        help="how equal scores rank (patchrec.eval.metrics; default pessimistic)",
     )
     data.add_argument("--out", required=True, help="output directory")
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRecConfig, TrainConfig
     from patchrec.baselines.train import evaluate, fit
     from patchrec.data.dataset import make_samples
-    from patchrec.metrics import format_metrics, rank_samples, write_results
+    from patchrec.eval.metrics import format_metrics, rank_samples, write_results
 
     if args.max_items < 1:
         raise ValueError(f"--max-items must be >= 1, got {args.max_items}")

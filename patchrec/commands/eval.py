@@ -8,7 +8,7 @@ Example::
 ``--ranking exact`` (default) scores every distinct title by its log-likelihood as the answer (full ranks);
 ``--ranking beam`` is trie-constrained diverse beam search (rank >= beams counts as a miss), ``--protocol
 authors`` (default: transformers 4.46.3 group beam search as the PatchRec authors call it, their rank rule)
-or ``--protocol clean`` (see ``patchrec.rank_beam``).
+or ``--protocol clean`` (see ``patchrec.eval.beam``).
 
 ``--model`` is a model directory, a checkpoint ``R/checkpoints/step-N`` or a training run directory ``R``
 (its ``R/model``). When the run's ``train_config.json`` is found (in the model directory, its parent, or two
@@ -22,7 +22,7 @@ vanilla, 5, 5, 100. The results JSON records where each value came from.
 the old segments once and ranks from the recent block against it; ``off`` runs the whole prompt. The scores
 are the same; the results record the mode and the state's bytes per sample.
 
-Writes ``patchrec.metrics.write_results`` JSON (metrics, K list, masking flag, ranking, plan, raw ranks).
+Writes ``patchrec.eval.metrics.write_results`` JSON (metrics, K list, masking flag, ranking, plan, raw ranks).
 
 Several GPUs or machines: ``torchrun --nproc-per-node N -m patchrec eval ...`` gives each rank a full copy of
 the model and a contiguous shard of the samples; rank 0 gathers the ranks (in sample order) and writes the
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from patchrec.batching.plan import evaluation_plan
 from patchrec.data.source import load_data
-from patchrec.metrics import DEFAULT_KS
-from patchrec.plan import evaluation_plan
+from patchrec.eval.metrics import DEFAULT_KS
 
 PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
 # train_config.json fields (same names as the flags) that default to the run's; the plan is derived from two.
@@ -168,7 +168,7 @@ def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[st
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from patchrec.distributed import distributed, quiet_unless_main
+    from patchrec.train.distributed import distributed, quiet_unless_main
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with distributed(args.dist_timeout, device.type) as ctx:
@@ -181,12 +181,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, ctx, device) -> int:
     import torch
 
+    from patchrec.batching.plan import make_planner
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
-    from patchrec.distributed import evaluate_sharded
-    from patchrec.metrics import write_results
-    from patchrec.model import PackedLlama
-    from patchrec.plan import make_planner
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
+    from patchrec.eval.metrics import write_results
+    from patchrec.model.llama import PackedLlama
+    from patchrec.train.distributed import evaluate_sharded
 
     model_dir = resolve_model_path(args.model)
     settings, origin = resolve_settings(args, model_dir)

@@ -33,9 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports (transformers, torch) only when the command runs, so `patchrec --help` stays fast.
+    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
     from patchrec.stats import dataset_stats, format_stats
-    from patchrec.tokens import load_tokenizer, tokenize_dataset
 
     dataset = load_release(args.data)
     tokens = tokenize_dataset(load_tokenizer(args.tokenizer), dataset)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 
-from patchrec.train_config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
+from patchrec.train.config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
 _OVERRIDES = ("k", "g", "p", "persrec_tokens", "persrec_segment", "persrec_old",
@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from patchrec.train import train
+    from patchrec.train.loop import train
 
     config = config_from_args(args)
     result = train(config, resume=args.resume)

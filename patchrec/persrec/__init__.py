@@ -5,7 +5,7 @@ segment-isolated attention, so that their keys/values are a cached per-user stat
 - ``attention``: the layout as one ``varlen_attention`` call per layer;
 - ``reference``: the explicit dense mask, the ground truth the tests compare with.
 - ``llm``: the LLM ``persrec`` plan's prompt encoding, whole or from a cached state (imported on its own:
-  it builds on ``patchrec.pack`` and ``patchrec.rank_exact``).
+  it builds on ``patchrec.batching.pack`` and ``patchrec.eval.exact``).
 """
 
 from patchrec.persrec.attention import block_keys, block_state, segmented_attention

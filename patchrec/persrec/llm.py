@@ -1,10 +1,11 @@
 """PerSRec on the LLM (the ``persrec`` plan): prompt encoding for exact ranking and beam search, with and
 without a cached per-user state.
 
-A persrec prompt (``patchrec.pack``) is ``[prefix][segment 1 + T rows] ... [segment S + T rows][final]``
-where the final block holds the recent items and the prompt suffix, and the answer (or a catalog title being
-scored) continues the final block. What the final block and its continuations see is the **state**: every
-layer's keys/values of the prefix rows and of all T rows (``BlockLayout.state_index``), never the old items.
+A persrec prompt (``patchrec.batching.pack``) is
+``[prefix][segment 1 + T rows] ... [segment S + T rows][final]``, where the final block holds the recent
+items and the prompt suffix, and the answer (or a catalog title being scored) continues the final block.
+What the final block and its continuations see is the **state**: every layer's keys/values of the prefix rows
+and of all T rows (``BlockLayout.state_index``), never the old items.
 
 - ``encode_full`` (``--persrec-cache off``): the whole prompt in one pass with PerSRec's block attention;
   the continuations' keys are then gathered from it (state rows + final rows).
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchrec.batching.pack import PackedBatch
 from patchrec.data.dataset import ragged_arange
-from patchrec.pack import PackedBatch
+from patchrec.eval.exact import PromptCache, _layer_loop, log_softmax_rows
 from patchrec.persrec.attention import block_keys, block_state, segmented_attention
 from patchrec.persrec.layout import BlockLayout, block_layout
 from patchrec.persrec.sequence import PersrecState
-from patchrec.rank_exact import PromptCache, _layer_loop, log_softmax_rows
 
 CACHE_MODES = ("on", "off")
 
@@ -178,7 +179,7 @@ def encode_cached(model, batch: PackedBatch) -> PromptCache:
 
 def state_rows(prefix_rows: int, lengths: np.ndarray, segment: int, tokens: int) -> np.ndarray:
     """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment."""
-    from patchrec.plan import persrec_old_items
+    from patchrec.batching.plan import persrec_old_items
 
     return prefix_rows + persrec_old_items(np.asarray(lengths, dtype=np.int64), segment) // segment * tokens
 

@@ -1,7 +1,7 @@
 """Writes ``authors_beam_hf446*.json``: what transformers 4.46.3's group beam search returns when called the
 way the PatchRec authors call it (ljy0ustc/PatchRec ``eval.py`` / ``fti_eval.py`` / ``fts_eval.py``), on a
 tiny Llama whose weights are a version-independent numpy construction. ``tests/test_rank_beam_authors.py``
-rebuilds the same model with the installed transformers and checks that ``patchrec.rank_beam`` (authors
+rebuilds the same model with the installed transformers and checks that ``patchrec.eval.beam`` (authors
 protocol) returns the same titles in the same order with the same scores.
 
 NOT run in CI. It needs transformers 4.46.3 (later releases moved group beam search out of the library) and

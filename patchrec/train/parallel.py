@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchrec.distributed import DistContext
-from patchrec.model import PackedLlama
-from patchrec.train_config import PARALLEL
+from patchrec.model.llama import PackedLlama
+from patchrec.train.config import PARALLEL
+from patchrec.train.distributed import DistContext
 
 
 def resolve_mode(parallel: str, ctx: DistContext) -> str | None:

@@ -24,12 +24,13 @@ Exact resume. The samples of step ``s`` and their random plans are a pure functi
 checkpoint stores the step only; with the optimizer, scheduler and RNG states restored, the resumed run
 repeats the uninterrupted run's losses.
 
-Several processes (``torchrun``, ``patchrec.distributed`` / ``patchrec.parallel``). Every rank plans the whole
-step, takes a contiguous part of its samples balanced by packed rows and accumulates its own micro-batches;
-each rank's loss is divided by the answer tokens of the WHOLE step and gradients are summed over ranks, so the
-gradient, the losses and the schedule are those of one process with the same ``batch_size``. Rank 0 writes
-the logs, checkpoints and the final model; checkpoints hold the full model and the full optimizer state in
-the single-process layout, so a run resumes on any world size (and in either mode).
+Several processes (``torchrun``, ``patchrec.train.distributed`` / ``patchrec.train.parallel``). Every rank
+plans the whole step, takes a contiguous part of its samples balanced by packed rows and accumulates its own
+micro-batches; each rank's loss is divided by the answer tokens of the WHOLE step and gradients are summed
+over ranks, so the gradient, the losses and the schedule are those of one process with the same
+``batch_size``. Rank 0 writes the logs, checkpoints and the final model; checkpoints hold the full model and
+the full optimizer state in the single-process layout, so a run resumes on any world size (and in either
+mode).
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ import numpy as np
 import torch
 from transformers import set_seed
 
-from patchrec.backbone import has_tokenizer, is_gguf
-from patchrec.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
+from patchrec.batching.pack import PackedBatch, iter_batches
+from patchrec.batching.plan import Planner, evaluation_plan, make_planner
+from patchrec.batching.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
+from patchrec.data.dataset import Dataset, Samples, make_samples
+from patchrec.data.source import load_data
+from patchrec.data.synthetic import SyntheticConfig
+from patchrec.model.backbone import has_tokenizer, is_gguf
+from patchrec.model.llama import PRESETS as MODEL_PRESETS
+from patchrec.model.llama import PackedLlama
+from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -57,10 +66,8 @@ from patchrec.checkpoint import (  # noqa: F401  (latest_checkpoint, load_traine
     set_rng_states,
     write_atomic_text,
 )
-from patchrec.data.dataset import Dataset, Samples, make_samples
-from patchrec.data.source import load_data
-from patchrec.data.synthetic import SyntheticConfig
-from patchrec.distributed import (
+from patchrec.train.config import TrainConfig
+from patchrec.train.distributed import (
     DistContext,
     StepShard,
     distributed,
@@ -68,10 +75,7 @@ from patchrec.distributed import (
     quiet_unless_main,
     shard_step,
 )
-from patchrec.model import PRESETS as MODEL_PRESETS
-from patchrec.model import PackedLlama
-from patchrec.pack import PackedBatch, iter_batches
-from patchrec.parallel import (
+from patchrec.train.parallel import (
     accumulating,
     clip_grad_norm,
     full_optimizer_state,
@@ -83,9 +87,6 @@ from patchrec.parallel import (
     unwrap,
     wrap,
 )
-from patchrec.plan import Planner, evaluation_plan, make_planner
-from patchrec.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
-from patchrec.train_config import TrainConfig
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Fields that may change between a run and its resumption without changing what is computed.
@@ -172,7 +173,7 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
         raise ValueError(f"init {model_dir} has no tokenizer files: pass --tokenizer")
     trained = out / "tokenizer"
     if not has_tokenizer(trained):
-        from patchrec.tokenizer_train import train_title_tokenizer
+        from patchrec.batching.tokenizer_train import train_title_tokenizer
 
         prompt = [dataset.system_prompt, dataset.user_prompt]
         train_title_tokenizer(dataset.titles, trained, config.tokenizer_vocab, extra_texts=prompt)
@@ -196,13 +197,13 @@ def validate(
     model: PackedLlama, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
     ctx: DistContext | None = None, mode: str | None = None, device: torch.device | None = None,
 ) -> dict | None:  # fmt: skip
-    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.evaluate`` is not installed.
+    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.eval.evaluate`` is not installed.
 
     Under torchrun every rank ranks a shard (a collective: all ranks call it); FSDP first gathers a full
     copy of the weights on every rank (evaluation runs a different number of forwards on each rank, which
     per-layer all-gathers would not survive)."""
     try:
-        import patchrec.evaluate  # noqa: F401
+        import patchrec.eval.evaluate  # noqa: F401
     except ImportError:
         return None
     ctx = ctx or DistContext()
@@ -296,7 +297,7 @@ def step_work(
     ctx: DistContext, mode: str | None,
 ) -> StepShard:  # fmt: skip
     """This process's micro-batches of step ``step`` and the whole step's counts: the single-process step, or
-    this rank's share of it (``patchrec.distributed.shard_step``)."""
+    this rank's share of it (``patchrec.train.distributed.shard_step``)."""
     if mode is None:
         micro = step_micro_batches(config, samples, planner, tokens, step, total)
         rows = sum(b.num_rows for b in micro)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
-from patchrec.backbone import load_causal_lm
-from patchrec.pack import PackedBatch
+from patchrec.batching.pack import PackedBatch
+from patchrec.model.backbone import load_causal_lm
 from patchrec.persrec.attention import segmented_attention
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.varlen_attention import varlen_attention
@@ -135,9 +135,9 @@ class PackedLlama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, vocab_size: int | None = None, dtype=None) -> PackedLlama:
-        """Load a Hugging Face Llama directory or a ``.gguf`` file (``patchrec.backbone``); grow the embedding
-        table to ``vocab_size`` (the tokenizer's length once the history markers are added) when it is larger.
-        ``dtype`` None keeps the checkpoint's dtype (fp32 for GGUF)."""
+        """Load a Hugging Face Llama directory or a ``.gguf`` file (``patchrec.model.backbone``); grow the
+        embedding table to ``vocab_size`` (the tokenizer's length once the history markers are added) when it
+        is larger. ``dtype`` None keeps the checkpoint's dtype (fp32 for GGUF)."""
         lm = load_causal_lm(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
         if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
             # New marker rows start at the mean of the existing rows (transformers' default), so the

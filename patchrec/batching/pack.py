@@ -34,10 +34,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from patchrec.batching.plan import DROP, PAD, TEXT, BatchPlan, Planner, persrec_old_items
+from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
 from patchrec.persrec.layout import BlockLayout, block_layout
-from patchrec.plan import DROP, PAD, TEXT, BatchPlan, Planner, persrec_old_items
-from patchrec.tokens import TokenizedDataset
 
 # Samples planned at once; bounds the [chunk, L] planning arrays (~10 MB at L = 100) while keeping numpy calls
 # large enough that per-call overhead is negligible.

@@ -1,4 +1,4 @@
-"""Configuration of one training stage on the packed path (``patchrec.train``), with named presets.
+"""Configuration of one training stage on the packed path (``patchrec.train.loop``), with named presets.
 
 The released settings (METHOD.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
 warmup ratio 0.05, gradient clipping at 0.3, bf16, global batch 64 (MovieLens) / 32 (Goodreads) samples.
@@ -9,7 +9,8 @@ Parameters and optimizer state are fp32 (master weights) whatever the checkpoint
 sets the compute (bf16 autocast on CUDA).
 
 Under ``torchrun`` a step is still ``batch_size`` samples in total, split over the ranks by packed rows
-(``patchrec.distributed``), so the global batch, the losses and the schedule do not depend on the world size.
+(``patchrec.train.distributed``), so the global batch, the losses and the schedule do not depend on the world
+size.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class TrainConfig:
     max_rows: int = 8192  # token budget: packed rows per micro-batch (a sample never straddles two)
     seed: int = 0  # weights (preset init), data order, random plans
     # ---- validation, logging, checkpoints ----------------------------------------------------------------
-    val_every: int = 0  # steps between validations (0 = never; also skipped if patchrec.evaluate is absent)
+    # steps between validations (0 = never; also skipped if patchrec.eval.evaluate is absent)
+    val_every: int = 0
     val_samples: int = 256  # seeded random subset of the validation split used for HR/NDCG
     val_plan: str | None = None  # plan for validation; None = the stage's, or pft-i for pretrain / dropout
     log_every: int = 10  # steps between log.jsonl lines (the progress bar updates every step)

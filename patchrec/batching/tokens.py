@@ -79,7 +79,7 @@ def add_persrec_tokens(tokenizer, k: int) -> np.ndarray:
 def load_tokenizer(path: str | Path):
     """Any Hugging Face tokenizer from a local directory or a ``.gguf`` file (offline), with the history
     markers added."""
-    from patchrec.backbone import load_hf_tokenizer  # heavy import: only when a tokenizer is needed
+    from patchrec.model.backbone import load_hf_tokenizer  # heavy import: only when a tokenizer is needed
 
     tokenizer = load_hf_tokenizer(path)
     add_history_markers(tokenizer)

@@ -3,8 +3,9 @@
 Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
   as the answer to the prompt; the prompt runs once per sample and the titles continue from its cached
-  keys/values (``patchrec.rank_exact``). Full ranks for any K; ties follow ``patchrec.metrics`` (pessimistic).
-- ``"beam"``: trie-constrained diverse beam search returning ``beams`` titles (``patchrec.rank_beam``), under
+  keys/values (``patchrec.eval.exact``). Full ranks for any K; ties follow ``patchrec.eval.metrics``
+  (pessimistic).
+- ``"beam"``: trie-constrained diverse beam search returning ``beams`` titles (``patchrec.eval.beam``), under
   ``protocol="authors"`` (default: transformers 4.46.3 group beam search as the PatchRec authors call it) or
   ``"clean"``. The rank follows the protocol's rule (``rank_in_returned``): authors, the LAST returned title
   whose text starts with the target's text (their ``calculate_rank``: ``real == generated[:len(real)]``);
@@ -27,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchrec.batching.pack import iter_batches
+from patchrec.batching.plan import Planner
+from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
-from patchrec.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
-from patchrec.pack import iter_batches
-from patchrec.plan import Planner
-from patchrec.rank_beam import BeamProtocol, TitleTrie, beam_search, get_protocol
-from patchrec.rank_exact import CatalogTitles, score_titles
-from patchrec.tokens import TokenizedDataset
+from patchrec.eval.beam import BeamProtocol, TitleTrie, beam_search, get_protocol
+from patchrec.eval.exact import CatalogTitles, score_titles
+from patchrec.eval.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
 
 RANKINGS = ("exact", "beam")
 # Samples per rank_samples call: bounds the [B, N] score matrix; the packer still batches by max_rows.
@@ -98,7 +99,7 @@ def persrec_state_stats(
     """Size of the per-sample PerSRec state the ``on`` cache keeps (keys + values of every layer, in the
     model's dtype): mean rows and bytes per sample, also without the prompt prefix (the same for every user,
     so it could be stored once)."""
-    from patchrec.pack import Packer
+    from patchrec.batching.pack import Packer
     from patchrec.persrec.llm import state_rows
 
     config = model.config

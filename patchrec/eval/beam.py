@@ -27,12 +27,12 @@ transformers no longer ships group beam search. Two protocols (``PROTOCOLS``) sh
   groups take no part in later steps; only finished titles are returned, ties to the earlier group.
 
 How a returned list maps to a rank (the authors': the last returned title whose text starts with the target's
-text) lives in ``patchrec.evaluate``.
+text) lives in ``patchrec.eval.evaluate``.
 
-Keys/values: the prompt once (``rank_exact.encode_prompts``), then one row per running beam per step: part A
-attends to the cached prompt, part B to the beam's own cached tokens plus the new one (all running beams
-have the same length at a step, so the cache is a dense [beams, t, Hkv, D] tensor per layer, reordered by
-parent after every step).
+Keys/values: the prompt once (``patchrec.eval.exact.encode_prompts``), then one row per running beam per step:
+part A attends to the cached prompt, part B to the beam's own cached tokens plus the new one (all running
+beams have the same length at a step, so the cache is a dense [beams, t, Hkv, D] tensor per layer, reordered
+by parent after every step).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from patchrec.pack import PackedBatch
-from patchrec.rank_exact import CatalogTitles, encode_prompts, forward_continuations, log_softmax_rows
+from patchrec.batching.pack import PackedBatch
+from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations, log_softmax_rows
 
 EOT_RULES = ("title_end", "leaf")
 RANK_RULES = ("first_equal", "last_prefix")

@@ -3,7 +3,7 @@
 ``checkpoints/step-N/`` holds the full model (safetensors + config + tokenizer), ``trainer_state.pt`` (the
 full AdamW state in ``optimizer.state_dict()`` layout, scheduler, RNG states, step) and ``state.json``;
 ``checkpoints/latest`` names the newest complete one. Under torchrun only rank 0 writes
-(``patchrec.parallel`` gathers what FSDP shards).
+(``patchrec.train.parallel`` gathers what FSDP shards).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchrec.model import PackedLlama
+from patchrec.model.llama import PackedLlama
 
 STATE_FILE = "trainer_state.pt"
 
@@ -97,7 +97,7 @@ def save_checkpoint(
     """Write ``checkpoints/step-N`` atomically, point ``checkpoints/latest`` at it, drop old checkpoints.
 
     ``model`` is a plain ``PackedLlama`` and ``optimizer_state`` the full ``optimizer.state_dict()``-layout
-    state (``patchrec.parallel``); ``info`` goes into ``state.json`` only (e.g. the world size).
+    state (``patchrec.train.parallel``); ``info`` goes into ``state.json`` only (e.g. the world size).
     Everything goes into a hidden temporary directory first; only a complete directory is renamed into place
     and only then does ``latest`` move, so a crash at any point leaves the previous checkpoint usable."""
     root = out / "checkpoints"

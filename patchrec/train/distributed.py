@@ -12,7 +12,7 @@ takes part in every collective.
 Sharding an evaluation. Whole-catalog ranking costs about the same for every sample (the catalog dominates),
 so evaluation shards are contiguous ranges of equal sample counts; the ranks are gathered in sample order.
 
-The model wrappers and the world-size independent checkpoint state live in ``patchrec.parallel``.
+The model wrappers and the world-size independent checkpoint state live in ``patchrec.train.parallel``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from patchrec.batching.pack import PackedBatch, Packer, _batch_slots
+from patchrec.batching.plan import Planner
+from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
-from patchrec.pack import PackedBatch, Packer, _batch_slots
-from patchrec.plan import Planner
-from patchrec.tokens import TokenizedDataset
 
 # Rows budget that never cuts: used to plan a whole step as one slot table (cum + budget must fit int64).
 _NO_CUT = 1 << 60
@@ -227,11 +227,11 @@ def shard_step(
 # ---- evaluation --------------------------------------------------------------------------------------------
 def evaluate_sharded(model, tokens: TokenizedDataset, samples: Samples, ctx: DistContext, *,
                      limit: int | None = None, progress: bool = True, **kwargs):  # fmt: skip
-    """``patchrec.evaluate.evaluate`` over ``samples`` (the first ``limit``), each rank ranking a contiguous
-    shard with its own full copy of ``model``; every rank returns the whole ``EvalResult`` (ranks in sample
-    order, metrics over all of them). A single process is ``evaluate`` itself."""
-    from patchrec.evaluate import EvalResult, evaluate, limit_samples
-    from patchrec.metrics import ranking_metrics
+    """``patchrec.eval.evaluate.evaluate`` over ``samples`` (the first ``limit``), each rank ranking a
+    contiguous shard with its own full copy of ``model``; every rank returns the whole ``EvalResult`` (ranks
+    in sample order, metrics over all of them). A single process is ``evaluate`` itself."""
+    from patchrec.eval.evaluate import EvalResult, evaluate, limit_samples
+    from patchrec.eval.metrics import ranking_metrics
 
     samples = limit_samples(samples, limit)
     if not ctx.active:

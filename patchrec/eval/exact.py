@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from patchrec.pack import PackedBatch
-from patchrec.tokens import TitleTable
+from patchrec.batching.pack import PackedBatch
+from patchrec.batching.tokens import TitleTable
 from patchrec_kernels.varlen_attention import varlen_attention
 
 # fp32 logits held at once by the output head ([rows, vocab] slices): 2^25 floats = 128 MiB.

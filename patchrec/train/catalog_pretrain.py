@@ -58,10 +58,10 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     """Train a ``preset`` Llama from random init on catalog texts; writes ``out/model`` (+ tokenizer)."""
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-    from patchrec.checkpoint import save_model_dir
-    from patchrec.model import PackedLlama, llama_config
-    from patchrec.parallel import param_groups
-    from patchrec.tokens import load_tokenizer
+    from patchrec.batching.tokens import load_tokenizer
+    from patchrec.model.llama import PackedLlama, llama_config
+    from patchrec.train.checkpoint import save_model_dir
+    from patchrec.train.parallel import param_groups
 
     config = config or CatalogTextConfig()
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -78,7 +78,7 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     lm.train()
     groups, _ = param_groups(lm, config.weight_decay)  # the training stages' AdamW groups
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    # The training stages' schedule (patchrec.train): linear warmup, then cosine decay to 0.
+    # The training stages' schedule (patchrec.train.loop): linear warmup, then cosine decay to 0.
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps),
                                                 config.steps)
 

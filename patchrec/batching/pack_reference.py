@@ -1,4 +1,4 @@
-"""The slow, obvious materialisation of one sample's input rows, to check ``patchrec.pack`` against.
+"""The slow, obvious materialisation of one sample's input rows, to check ``patchrec.batching.pack`` against.
 
 Per sample and plan it calls the tokenizer on each title and on the two prompt halves (no CSR table, no
 vectorisation) and builds a Python list of embedding rows: a text token is ``E[t]``, an item patch the mean of
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from patchrec.batching.plan import DROP, ITEM, SESSION, TEXT, Plan
+from patchrec.batching.tokens import END_SEQ, ITEM_SEP, START_SEQ, end_of_turn_token, render_prompt_text
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, Samples
 from patchrec.persrec import reference as roles
-from patchrec.plan import DROP, ITEM, SESSION, TEXT, Plan
-from patchrec.tokens import END_SEQ, ITEM_SEP, START_SEQ, end_of_turn_token, render_prompt_text
 
 
 @dataclass

@@ -8,7 +8,8 @@ A plan of a history of ``n`` items (oldest first) is two arrays of length ``n``:
   contiguous and non-decreasing over the kept items, and pieces are separated by ``<|item_sep|>``.
 
 ``persrec_plan`` (METHOD.md §6) is the item-level part of PerSRec: old-segment items as ITEM (or TEXT), recent
-items as TEXT; the packer adds the personalization-token rows and the attention blocks (``patchrec.pack``).
+items as TEXT; the packer adds the personalization-token rows and the attention blocks
+(``patchrec.batching.pack``).
 
 Per-``n`` functions (``vanilla_plan`` ... ``dropout_plan``) are the readable definitions;
 ``Planner.plan_batch`` is the vectorised form the packer uses: ``[B, L]`` arrays, row ``b`` holding the

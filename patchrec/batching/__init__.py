@@ -1,0 +1,4 @@
+"""From samples to packed batches: ``tokens`` (titles and prompt as token ids, history markers), ``plan``
+(which history item is text, an item patch or part of a session patch), ``pack`` (padding-free batches for
+``patch_embed`` and varlen attention) with its row-by-row ground truth ``pack_reference``, and
+``tokenizer_train`` (a title BPE for data without a tokenizer)."""
