@@ -104,6 +104,10 @@ def distributed(timeout_s: float, device_type: str) -> Iterator[DistContext]:
     )  # fmt: skip
     try:
         yield _context_of_group(device_type)
+        # Every rank reaches the end before any tears the group down: on a loaded CPU rank 1 once aborted in
+        # gloo's teardown ("terminate called without an active exception") while rank 0 was still writing
+        # the model. Not on the error path, where a barrier would wait for a rank that is gone.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
