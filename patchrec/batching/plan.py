@@ -107,13 +107,20 @@ def persrec_plan(n: int, segment: int, old: str = "item") -> Plan:
     (counted from the oldest; ``patchrec.persrec.num_segments``) as item patches (``old="item"``) or text,
     the last 1..segment items as text. Where the personalization tokens go is the packer's business."""
     _check_n(n)
-    if segment < 1:
-        raise ValueError(f"--persrec-segment must be >= 1, got {segment}")
-    if old not in PERSREC_OLD:
-        raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {old!r}")
+    check_persrec_options(segment, 1, old)
     kinds = np.full(n, TEXT)
     kinds[: persrec_old_items(n, segment)] = ITEM if old == "item" else TEXT
     return _frozen(kinds, np.arange(n))
+
+
+def check_persrec_options(segment: int, tokens: int, old: str) -> None:
+    """The persrec plan's options, named by their flags (the planner and the training config both check)."""
+    if segment < 1:
+        raise ValueError(f"--persrec-segment must be >= 1, got {segment}")
+    if tokens < 1:
+        raise ValueError(f"--persrec-tokens must be >= 1, got {tokens}")
+    if old not in PERSREC_OLD:
+        raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {old!r}")
 
 
 def persrec_old_items(n, segment: int):
@@ -193,12 +200,7 @@ class Planner:
     def __post_init__(self) -> None:
         if self.name not in PLANS:
             raise ValueError(f"plan name must be one of {sorted(PLANS)}, got {self.name!r}")
-        if self.segment < 1:
-            raise ValueError(f"--persrec-segment must be >= 1, got {self.segment}")
-        if self.tokens < 1:
-            raise ValueError(f"--persrec-tokens must be >= 1, got {self.tokens}")
-        if self.old not in PERSREC_OLD:
-            raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {self.old!r}")
+        check_persrec_options(self.segment, self.tokens, self.old)
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.g < 1:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchrec.batching.plan import check_persrec_options
+
 STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout", "persrec")
-PERSREC_OLD = ("text", "item")
 # persrec_* field -> its flag and default (the fields only apply to stage persrec)
 PERSREC_FIELDS = {"persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
                   "persrec_old": ("--persrec-old", "item")}
@@ -102,12 +103,7 @@ class TrainConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
-        if self.persrec_tokens < 1:
-            raise ValueError(f"--persrec-tokens must be >= 1, got {self.persrec_tokens}")
-        if self.persrec_segment < 1:
-            raise ValueError(f"--persrec-segment must be >= 1, got {self.persrec_segment}")
-        if self.persrec_old not in PERSREC_OLD:
-            raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {self.persrec_old!r}")
+        check_persrec_options(self.persrec_segment, self.persrec_tokens, self.persrec_old)
         if self.stage != "persrec":
             for name, (flag, default) in PERSREC_FIELDS.items():
                 if getattr(self, name) != default:
