@@ -3,7 +3,9 @@ segment-isolated attention, so that their keys/values are a cached per-user stat
 
 - ``layout``: which rows exist and which earlier rows each block sees (``BlockLayout``, ``item_rows``);
 - ``attention``: the layout as one ``varlen_attention`` call per layer;
-- ``reference``: the explicit dense mask, the ground truth the tests compare with.
+- ``reference``: the explicit dense mask, the ground truth the tests compare with;
+- ``sequence``: the ID models' side (SASRec, HSTU): full forward, ``PersrecState``, folding segments into it,
+  ranking from it, and ``CachedUser`` (a user's state kept up to date as interactions arrive);
 - ``llm``: the LLM ``persrec`` plan's prompt encoding, whole or from a cached state (imported on its own:
   it builds on ``patchrec.batching.pack`` and ``patchrec.eval.exact``).
 """
