@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import tiny_dataset
 from transformers import set_seed
 
 from patchrec.baselines import HSTU, HSTUConfig, Popularity, TrainConfig, evaluate, fit
 from patchrec.baselines.hstu import pointwise_attention
-from patchrec.baselines.train import cu_seqlens_of, sample_scorer
+from patchrec.baselines.train import cu_seqlens_of
 from patchrec.data.dataset import make_samples
 from patchrec.data.synthetic import make_synthetic
 from patchrec.eval.metrics import rank_samples, ranking_metrics
 from patchrec.persrec import block_layout
 from patchrec.persrec.reference import ITEM, RECENT, TOKEN, item_roles, persrec_mask
-from patchrec.persrec.sequence import cached_scorer, fold_segments, recent_hidden, split_history
 
 # small ops, many steps: one intra-op thread (two stall behind other processes on a shared 2-core machine)
 pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
@@ -139,44 +137,6 @@ def test_persrec_hstu_equals_dense_mask_reference():
         want.append(hidden[torch.from_numpy(kind != TOKEN)])
     grads = _assert_same_with_grads(model, got, torch.cat(want), seed=3)
     assert grads["token_emb.weight"].abs().sum() > 0  # the T vectors are learned
-
-
-def test_cached_state_equals_full_forward():
-    model = _hstu(seed=3, persrec_tokens=TOKENS, persrec_segment=SEGMENT).float().eval()
-    samples = make_samples(tiny_dataset(seed=2, num_users=20, max_len=40), "train", 40)
-    assert samples.history_lengths.max() > 2 * SEGMENT  # several old segments somewhere
-    index = np.arange(len(samples))
-    full = sample_scorer(model, samples)(index)
-    cached = cached_scorer(model, samples)(index)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
-
-
-def test_incremental_folding_equals_full_forward():
-    model = _hstu(seed=4, persrec_tokens=TOKENS, persrec_segment=SEGMENT).eval()
-    g = torch.Generator().manual_seed(5)
-    history = torch.randint(0, NUM_ITEMS, (3 * SEGMENT + 2,), generator=g)
-    lengths = np.array([len(history)])
-    with torch.no_grad():
-        full = model(history, cu_seqlens_of(lengths), len(history))[-1]
-        old, recent = split_history(lengths, SEGMENT)
-        state = None
-        for s in range(3):  # one segment at a time, as new interactions arrive
-            state = fold_segments(model, state, history[s * SEGMENT : (s + 1) * SEGMENT], np.array([SEGMENT]))
-        assert state.rows().tolist() == [3 * TOKENS]
-        # the state's rows keep their positions (the relative bias reads them): the T rows of each segment
-        want_pos = [s * (SEGMENT + TOKENS) + SEGMENT + t for s in range(3) for t in range(TOKENS)]
-        assert state.positions.tolist() == want_pos
-        assert state.nbytes().tolist() == [3 * TOKENS * 2 * 2 * 24 * 8]  # rows x layers x (k, v) x d x fp64
-        step = recent_hidden(model, state, history[3 * SEGMENT :], recent)[0]
-    torch.testing.assert_close(step, full, rtol=1e-10, atol=1e-10)
-
-
-def test_fit_trains_the_persrec_tokens():
-    dataset = tiny_dataset(seed=1, num_users=16, max_len=30)
-    model = _hstu(seed=6, num_items=dataset.num_items, persrec_tokens=TOKENS, persrec_segment=SEGMENT).float()
-    before = model.token_emb.weight.detach().clone()
-    fit(model, dataset, TrainConfig(epochs=1, batch_size=8, seed=0), max_len=30, progress=False)
-    assert not torch.equal(model.token_emb.weight, before)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_data import tiny_dataset
 
-from patchrec.baselines import SASRec, SASRecConfig, TrainConfig, fit
+from patchrec.baselines import HSTU, HSTUConfig, SASRec, SASRecConfig, TrainConfig, fit
 from patchrec.baselines.train import cu_seqlens_of, sample_scorer
 from patchrec.data.dataset import make_samples
 from patchrec.persrec import item_rows
@@ -32,6 +32,18 @@ def _sasrec(seed: int = 0, num_items: int = 37, **kw) -> SASRec:
     config = SASRecConfig(hidden=24, num_blocks=2, num_heads=2, dropout=0.0, max_len=40,
                           persrec_tokens=TOKENS, persrec_segment=SEGMENT, **kw)  # fmt: skip
     return SASRec(num_items, config).double()
+
+
+def _hstu(seed: int = 0, num_items: int = 37) -> HSTU:
+    torch.manual_seed(seed)
+    config = HSTUConfig(hidden=24, num_blocks=2, num_heads=2, dropout=0.0, max_len=40,
+                        persrec_tokens=TOKENS, persrec_segment=SEGMENT)  # fmt: skip
+    return HSTU(num_items, config).double()
+
+
+# The model-independent PerSRec behaviour (cache, folding, training the tokens), for both backbones; each
+# forward-vs-dense-mask tests stay per model (SASRec here, HSTU in test_hstu.py).
+BUILDERS = {"sasrec": _sasrec, "hstu": _hstu}
 
 
 def _reference_hidden(model: SASRec, items: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
@@ -64,8 +76,9 @@ def test_sasrec_persrec_matches_dense_mask_reference():
     assert got_g[names.index("token_emb.weight")].abs().sum() > 0  # the T vectors are learned
 
 
-def test_cached_state_equals_full_forward():
-    model = _sasrec(seed=3).float().eval()
+@pytest.mark.parametrize("name", BUILDERS)
+def test_cached_state_equals_full_forward(name):
+    model = BUILDERS[name](seed=3).float().eval()
     samples = make_samples(tiny_dataset(seed=2, num_users=20, max_len=40), "train", 40)
     assert samples.history_lengths.max() > 2 * SEGMENT  # several old segments somewhere
     index = np.arange(len(samples))
@@ -74,8 +87,9 @@ def test_cached_state_equals_full_forward():
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
-def test_incremental_folding_equals_one_fold():
-    model = _sasrec(seed=4).eval()
+@pytest.mark.parametrize("name", BUILDERS)
+def test_incremental_folding_equals_one_fold(name):
+    model = BUILDERS[name](seed=4).eval()
     g = torch.Generator().manual_seed(5)
     history = torch.randint(0, 37, (3 * SEGMENT + 2,), generator=g)
     lengths = np.array([len(history)])
@@ -87,14 +101,18 @@ def test_incremental_folding_equals_one_fold():
         for s in range(3):  # one segment at a time, as new interactions arrive
             state = fold_segments(model, state, history[s * SEGMENT : (s + 1) * SEGMENT], np.array([SEGMENT]))
         assert state.rows().tolist() == [3 * TOKENS]
+        # the state's rows keep their positions (HSTU's relative bias reads them): each segment's T rows
+        want_pos = [s * (SEGMENT + TOKENS) + SEGMENT + t for s in range(3) for t in range(TOKENS)]
+        assert state.positions.tolist() == want_pos
         assert state.nbytes().tolist() == [3 * TOKENS * 2 * 2 * 24 * 8]  # k rows x layers x (k, v) x d x fp64
         step = recent_hidden(model, state, history[3 * SEGMENT :], recent)[0]
     torch.testing.assert_close(step, full, rtol=1e-10, atol=1e-10)
 
 
-def test_fit_trains_the_persrec_tokens():
+@pytest.mark.parametrize("name", BUILDERS)
+def test_fit_trains_the_persrec_tokens(name):
     dataset = tiny_dataset(seed=1, num_users=16, max_len=30)
-    model = _sasrec(seed=6, num_items=dataset.num_items).float()
+    model = BUILDERS[name](seed=6, num_items=dataset.num_items).float()
     before = model.token_emb.weight.detach().clone()
     fit(model, dataset, TrainConfig(epochs=1, batch_size=8, seed=0), max_len=30, progress=False)
     assert not torch.equal(model.token_emb.weight, before)
