@@ -41,7 +41,7 @@ def _hstu(seed: int = 0, num_items: int = 37) -> HSTU:
     return HSTU(num_items, config).double()
 
 
-# The model-independent PerSRec behaviour (cache, folding, training the tokens), for both backbones; each
+# The model-independent PerSRec behaviour (cache, folding, training the tokens), for both backbones; the
 # forward-vs-dense-mask tests stay per model (SASRec here, HSTU in test_hstu.py).
 BUILDERS = {"sasrec": _sasrec, "hstu": _hstu}
 
