@@ -13,9 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, LlamaForCausalLM, PretrainedConfig
 
 GGUF_SUFFIX = ".gguf"
+# The decoder families patchrec runs exactly (model_type -> the transformers class it loads as). Anything
+# else would load into ``LlamaForCausalLM`` with weights silently dropped (Qwen2's q/k/v biases, Qwen3's
+# q/k norms), so it is refused instead.
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -30,11 +34,37 @@ def _gguf_parts(path: str | Path) -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+def check_architecture(config: PretrainedConfig, source: str | Path) -> None:
+    """``ValueError`` unless ``config`` describes a supported decoder family (``SUPPORTED_ARCHITECTURES``)."""
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    expected = SUPPORTED_ARCHITECTURES.get(model_type)
+    if expected is None or any(a != expected for a in architectures):
+        found = ", ".join(architectures) or "no architectures listed"
+        supported = ", ".join(f"{t} ({c})" for t, c in SUPPORTED_ARCHITECTURES.items())
+        raise ValueError(
+            f"{source}: architecture {found} (model_type {model_type!r}) is not supported; "
+            f"supported: {supported}"
+        )
+
+
+def read_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config of an HF directory or a ``.gguf`` file, read offline."""
+    if is_gguf(path):
+        folder, name = _gguf_parts(path)
+        return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory or a .gguf file")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
 def load_causal_lm(
     path: str | Path, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> LlamaForCausalLM:
     """A plain ``LlamaForCausalLM`` from an HF directory or a ``.gguf`` file (``dtype`` None: the checkpoint's
     own dtype for a directory, fp32 for GGUF)."""
+    check_architecture(read_config(path), path)
     if is_gguf(path):
         from transformers import AutoModelForCausalLM
 
@@ -52,9 +82,6 @@ def load_causal_lm(
         if attn_implementation is not None:
             plain.set_attn_implementation(attn_implementation)
         return plain
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory or a .gguf file")
     return LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
                                             attn_implementation=attn_implementation)
 
