@@ -138,25 +138,44 @@ def pointwise_attention(
     rows, heads = q.shape[0], q.shape[1]
     if int(layout.cu_q[-1]) != rows:
         raise ValueError(f"layout has {int(layout.cu_q[-1])} query rows, q has {rows}")
-    device = q.device
     keys = block_keys(k, layout, context_k)
     values = block_keys(v, layout, context_v)
     key_pos = block_keys(positions, layout, context_positions)
 
     cu_q, cu_k = layout.cu_q.long(), layout.cu_k.long()
-    lq, lk = cu_q.diff(), cu_k.diff()
-    qi = torch.arange(layout.max_q, device=device)
-    kj = torch.arange(layout.max_k, device=device)
-    q_valid = qi[None] < lq[:, None]  # [NB, Mq]
-    k_valid = kj[None] < lk[:, None]  # [NB, Mk]
+    lk = cu_k.diff()
+    extra = (q, keys, values, positions, key_pos)
+    if lk.numel() == 0:
+        return q.new_zeros(rows, heads, v.shape[2])
+    # Blocks are padded per group of similar key lengths (powers of two), not all to the longest block: a
+    # batch of histories of 5..400 items would otherwise spend most of its work on padding.
+    group = torch.ceil(torch.log2(lk.clamp(min=1).double())).long()
+    out = q.new_zeros(rows, heads, v.shape[2])
+    for g in torch.unique(group).tolist():
+        blocks = torch.nonzero(group == g).flatten()
+        rows_g, out_g = _padded_blocks(*extra, cu_q, cu_k, blocks, scale, bias)
+        out = out.index_copy(0, rows_g, out_g)
+    return out
+
+
+def _padded_blocks(q, keys, values, positions, key_pos, cu_q, cu_k, blocks, scale, bias):
+    """``pointwise_attention`` of the blocks ``blocks`` padded to their longest: (their query rows, the
+    output at those rows [n, H, Dv])."""
+    device = q.device
+    lq, lk = (cu_q[blocks + 1] - cu_q[blocks]), (cu_k[blocks + 1] - cu_k[blocks])
+    max_q, max_k = int(lq.max()), int(lk.max())
+    qi = torch.arange(max_q, device=device)
+    kj = torch.arange(max_k, device=device)
+    q_valid = qi[None] < lq[:, None]  # [G, Mq]
+    k_valid = kj[None] < lk[:, None]  # [G, Mk]
     # Padded slots point at one extra zero row after the real ones.
-    q_index = torch.where(q_valid, cu_q[:-1, None] + qi[None], rows)
-    k_index = torch.where(k_valid, cu_k[:-1, None] + kj[None], keys.shape[0])
+    q_index = torch.where(q_valid, cu_q[blocks, None] + qi[None], q.shape[0])
+    k_index = torch.where(k_valid, cu_k[blocks, None] + kj[None], keys.shape[0])
 
     def padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])[index]
 
-    qp, kp, vp = padded(q, q_index), padded(keys, k_index), padded(values, k_index)  # [NB, M, H, D]
+    qp, kp, vp = padded(q, q_index), padded(keys, k_index), padded(values, k_index)  # [G, M, H, D]
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp)
     if bias is not None:
         offsets = padded(positions, q_index)[:, :, None] - padded(key_pos, k_index)[:, None, :]
@@ -167,8 +186,8 @@ def pointwise_attention(
         & (kj[None, None] <= qi[None, :, None] + (lk - lq)[:, None, None])
     )
     weights = F.silu(scores) * sees[:, None].to(scores.dtype) * scale
-    out = torch.einsum("bhij,bjhd->bihd", weights, vp)  # [NB, Mq, H, Dv]
-    return out[q_valid].reshape(rows, heads, v.shape[2])
+    out = torch.einsum("bhij,bjhd->bihd", weights, vp)  # [G, Mq, H, Dv]
+    return q_index[q_valid], out[q_valid]
 
 
 class HSTULayer(nn.Module):
