@@ -109,3 +109,20 @@ def test_train_and_eval_commands_refuse_an_unsupported_checkpoint(tmp_path, caps
                 "--max-items", "6", "--limit", "2", "--no-progress"]
     assert main(evaluate) == 2
     assert "Phi3ForCausalLM" in capsys.readouterr().err
+
+
+def test_a_qwen3_checkpoint_trains_and_evaluates_as_qwen3(tmp_path, reference_ops_one_thread):
+    path = save_tiny(Qwen3Config, Qwen3ForCausalLM, tmp_path / "qwen3", head_dim=8)
+    run = tmp_path / "run"
+    train = ["train", "--stage", "pft-i", "--data", "synthetic", "--init", str(path), "--out", str(run),
+             "--synthetic-users", "20", "--synthetic-items", "20", "--max-items", "6", "--max-steps", "1",
+             "--batch-size", "4", "--no-progress"]  # fmt: skip
+    assert main(train) == 0
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["model_type"] == "qwen3" and saved["architectures"] == ["Qwen3ForCausalLM"]
+    lm = load_causal_lm(run / "model")
+    assert type(lm) is Qwen3ForCausalLM and lm.model.layers[0].self_attn.q_norm.weight.shape == (8,)
+    evaluate = ["eval", "--model", str(run), "--data", "synthetic", "--out", str(tmp_path / "ev.json"),
+                "--limit", "2", "--no-progress"]
+    assert main(evaluate) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["config"]["plan"] == "pft-i"

@@ -67,6 +67,20 @@ def llama_config(preset: str | ModelPreset, vocab_size: int, **overrides) -> Lla
     return LlamaConfig(vocab_size=vocab_size, attention_dropout=0.0, **fields)
 
 
+class _NoInputGradRow(torch.autograd.Function):
+    """Identity on the table whose backward zeroes one row: ``nn.Embedding(padding_idx=p)`` never sends
+    gradient to row p (Gemma's pad, SmolLM2's pad = <|im_end|>), so patches over the table do not either."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, row: int) -> torch.Tensor:
+        ctx.row = row
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0.0), None
+
+
 @dataclass
 class PackedOutput:
     loss: torch.Tensor  # scalar: mean cross-entropy over all answer tokens of the batch
@@ -137,8 +151,11 @@ class PackedDecoder(nn.Module):
 
     def embed(self, batch: PackedBatch, *, validate: bool | None = None) -> torch.Tensor:
         """[R, D] input rows of the batch."""
-        rows = patch_embed(self.embedding_table(), batch.token_ids, batch.seg_offsets, batch.row_offsets,
-                           validate=validate)  # fmt: skip
+        table = self.embedding_table()
+        pad = getattr(self.lm.get_input_embeddings(), "padding_idx", None)
+        if pad is not None and table.requires_grad and torch.is_grad_enabled():
+            table = _NoInputGradRow.apply(table, pad)
+        rows = patch_embed(table, batch.token_ids, batch.seg_offsets, batch.row_offsets, validate=validate)
         return self.scale_embeddings(rows)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
