@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
+from patchrec.batching.blocks import BlockLayout, block_layout
 from patchrec.persrec.attention import block_keys
-from patchrec.persrec.layout import BlockLayout, ItemRows, block_layout
+from patchrec.persrec.layout import ItemRows
 from patchrec.persrec.sequence import persrec_hidden
 from patchrec.persrec.state import PersrecState
 

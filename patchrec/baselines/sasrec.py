@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
+from patchrec.batching.blocks import BlockLayout
 from patchrec.persrec.attention import segmented_attention
-from patchrec.persrec.layout import BlockLayout, ItemRows
+from patchrec.persrec.layout import ItemRows
 from patchrec.persrec.sequence import persrec_hidden
 from patchrec.persrec.state import PersrecState
 from patchrec_kernels.varlen_attention import varlen_attention
