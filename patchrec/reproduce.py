@@ -40,6 +40,7 @@ from patchrec.reproduce_estimate import (
     ModelSize,
     Throughput,
     checkpoint_plan,
+    cost_totals,
     eval_cost,
     format_checkpoint_plan,
     history_cost,
@@ -106,8 +107,8 @@ class Reproduction:
     def __init__(self, data: str, backbone: str, out: str | Path, scale: str | Scale, *,
                  preset: str | None = None, experiments: tuple[str, ...] = ("table2",), resume: bool = False,
                  protocol: str = "authors", eval_dtype: str = "auto", device: str = "auto",
-                 authors_code: bool = False, checkpoints_per_stage: int = 10, progress: bool = True,
-                 seed: int = 0):  # fmt: skip
+                 authors_code: bool = False, checkpoints_per_stage: int = 10, exact: bool | None = None,
+                 progress: bool = True, seed: int = 0):  # fmt: skip
         from patchrec.data.source import load_data
         from patchrec.train.loop import resolve_device
 
@@ -117,6 +118,8 @@ class Reproduction:
             self.scale = SCALES[scale]
         else:
             raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
+        if exact is not None:  # --no-exact: beam ranking only
+            self.scale = dataclasses.replace(self.scale, exact=exact)
         if checkpoints_per_stage < 0:
             raise ValueError(f"--checkpoints-per-stage must be >= 0, got {checkpoints_per_stage}")
         self.data, self.backbone, self.experiments = data, backbone, tuple(experiments)
@@ -390,30 +393,40 @@ class Reproduction:
         plot_summary(summary, self.out / "summary.png")
 
     # ---- the dry run -----------------------------------------------------------------------------------
+    def stage_estimate(self, name: str, tokens, size: ModelSize) -> dict[str, Any]:
+        """One stage of the dry run: its settings, samples, steps, estimated positions and checkpoints."""
+        from patchrec.data.dataset import make_samples
+        from patchrec.train.loop import random_subset
+
+        spec, config = self.stages[name], self.stage_config(name)
+        train = random_subset(make_samples(self.dataset, "train", config.max_items), config.train_samples,
+                              config.seed)  # fmt: skip
+        planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p)
+        steps = self.steps(spec.plan)
+        random = spec.plan in ("pretrain", "dropout")
+        return {"stage": name, "plan": spec.plan, "init": spec.init or "backbone",
+                "length": length_name(spec.max_items), "max_items": config.max_items,
+                "k": config.k if spec.plan == "pft-i" else None,
+                "g": config.g if spec.plan == "pft-s" else None,
+                "p": ("0 (authors' code)" if config.p == 0.0 else "t/T") if random else None, "lr": config.lr,
+                "batch_size": config.batch_size, "samples": len(train), "steps": steps,
+                **stage_cost(train, planner, tokens, size, seed=self.seed),
+                **checkpoint_plan(size, steps, self.checkpoints_per_stage, KEEP_CHECKPOINTS)}  # fmt: skip
+
     def dry_run(self, throughput: Throughput | None = None) -> dict[str, Any]:
         """Every stage and row of the run with its samples, steps and estimated positions, FLOPs and GPU
         hours (``patchrec.reproduce_estimate``); nothing is trained or evaluated. Writes dry_run.json/.md."""
-        from patchrec.data.dataset import make_samples
         from patchrec.reproduce_report import dry_run_table
-        from patchrec.train.loop import random_subset
 
         throughput = throughput or Throughput()
         tokens = self.tokens()
         size = self.size(tokens)
-        stages = []
-        for name, spec in self.stages.items():
-            config = self.stage_config(name)
-            train = random_subset(make_samples(self.dataset, "train", config.max_items), config.train_samples,
-                                  config.seed)  # fmt: skip
-            planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p)
-            steps = self.steps(spec.plan)
-            stages.append({"stage": name, "plan": spec.plan, "init": spec.init or "backbone",
-                           "length": length_name(spec.max_items), "max_items": config.max_items,
-                           "k": config.k, "g": config.g,
-                           "p": "0 (authors' code)" if config.p == 0.0 else "t/T",
-                           "lr": config.lr, "batch_size": config.batch_size, "samples": len(train),
-                           "steps": steps, **stage_cost(train, planner, tokens, size, seed=self.seed),
-                           **checkpoint_plan(size, steps, self.checkpoints_per_stage, KEEP_CHECKPOINTS)})
+        first: dict[str, str] = {}  # stage -> the first experiment that needs it
+        for e in self.experiments:
+            for spec in experiment_stages((e,), self.scale, self.g):
+                first.setdefault(spec.name, e)
+        stages = [{**self.stage_estimate(name, tokens, size), "experiment": first[name]}
+                  for name in self.stages]  # fmt: skip
         rows = []
         for row in self.rows:
             cost = eval_cost(self.test_samples(row.max_items), self.planner(row), tokens, size, beams=20,
@@ -421,15 +434,12 @@ class Reproduction:
             rows.append({"row": row.name, "label": row.label, "experiment": row.experiment,
                          "model": row.stage or "backbone", "plan": row.plan,
                          "length": length_name(row.max_items), **cost})  # fmt: skip
-        train_tflop = sum(s["tflop"] for s in stages)
-        eval_tflop = sum(r["beam_tflop"] + r.get("exact_tflop", 0.0) for r in rows)
         out = {"settings": {**self.record, "preset_source": self.preset_source},
                "experiments": list(self.experiments), "dataset": self.dataset.name,
                "model": {**dataclasses.asdict(size), "checkpoint_gb": size.checkpoint_bytes / 1e9,
                          "model_gb": size.model_bytes / 1e9},
                "throughput_assumed": throughput.to_dict(), "stages": stages, "rows": rows,
-               "totals": {"train_tflop": train_tflop, "eval_tflop": eval_tflop,
-                          **throughput.hours(train_tflop, eval_tflop)},
+               "totals": cost_totals(stages, rows, throughput, list(self.experiments)),
                "cost_curve": self.cost_curve(tokens) if "long" in self.experiments else None}  # fmt: skip
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "dry_run.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -153,7 +153,7 @@ def history_cost(samples: Samples, planner: Planner, tokens: TokenizedDataset) -
 class Throughput:
     """The sustained throughput a GPU-hour estimate assumes (never measured by patchrec)."""
 
-    train_tflops: float = 400.0  # training, per GPU: ~40% of an H100 SXM's 989 dense bf16 TFLOP/s
+    train_tflops: float = 300.0  # training, per GPU: ~30% of an H100 SXM's 989 dense bf16 TFLOP/s
     eval_tflops: float = 100.0  # ranking, per GPU: beam search's small decode steps run far below peak
 
     def __post_init__(self) -> None:
@@ -161,9 +161,24 @@ class Throughput:
             if not value > 0:
                 raise ValueError(f"assumed {name} must be > 0, got {value}")
 
-    def hours(self, train_tflop: float, eval_tflop: float) -> dict[str, float]:
-        return {"train_gpu_hours": train_tflop / self.train_tflops / 3600,
-                "eval_gpu_hours": eval_tflop / self.eval_tflops / 3600}  # fmt: skip
-
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def cost_totals(stages: list[dict[str, Any]], rows: list[dict[str, Any]], throughput: Throughput,
+                experiments: list[str]) -> dict[str, Any]:  # fmt: skip
+    """TFLOP and GPU hours of a dry run's stages (training) and rows (beam and exact ranking), in total and
+    per experiment (a stage shared by several experiments counts in the first that needs it)."""
+
+    def part(ss: list[dict[str, Any]], rr: list[dict[str, Any]]) -> dict[str, float]:
+        train = sum(s["tflop"] for s in ss)
+        beam = sum(r["beam_tflop"] for r in rr)
+        exact = sum(r.get("exact_tflop", 0.0) for r in rr)
+        return {"train_tflop": train, "beam_tflop": beam, "exact_tflop": exact,
+                "train_gpu_hours": train / throughput.train_tflops / 3600,
+                "beam_gpu_hours": beam / throughput.eval_tflops / 3600,
+                "exact_gpu_hours": exact / throughput.eval_tflops / 3600}  # fmt: skip
+
+    by = {e: part([s for s in stages if s["experiment"] == e], [r for r in rows if r["experiment"] == e])
+          for e in experiments}  # fmt: skip
+    return {**part(stages, rows), "by_experiment": by}

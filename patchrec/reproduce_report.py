@@ -125,13 +125,14 @@ def dry_run_table(dry: dict[str, Any]) -> str:
         f"in the decoder body){', --authors-code' if s.get('authors_code') else ''}. Estimates, not "
         "measurements.",
         "",
-        "| stage | plan | from | L | K | G | p | lr | batch | samples | steps | views | positions / sample "
-        "| positions | TFLOP | save every | checkpoints |",
-        "|" + "---|" * 17,
+        "| stage | experiment | plan | from | L | K | G | p | lr | batch | samples | steps | views "
+        "| positions / sample | positions | TFLOP | save every | checkpoints |",
+        "|" + "---|" * 18,
     ]
     for x in dry["stages"]:
         lines.append(
-            f"| {x['stage']} | {x['plan']} | {x['init']} | {x['length']} | {x['k']} | {x['g']} | {x['p']} | "
+            f"| {x['stage']} | {x['experiment']} | {x['plan']} | {x['init']} | {x['length']} "
+            f"| {_fmt(x['k'], 'd')} | {_fmt(x['g'], 'd')} | {x['p'] or '-'} | "
             f"{x['lr']:g} | {x['batch_size']} | {x['samples']:,} | {x['steps']:,} | {x['views']} | "
             f"{x['rows_per_sample']:,.1f} | {x['rows']:,.3g} | {x['tflop']:,.4g} | {x['save_every'] or '-'} "
             f"| {x['checkpoints']} x {x['checkpoint_gb']:.3g} GB |"
@@ -147,13 +148,18 @@ def dry_run_table(dry: dict[str, Any]) -> str:
             f"| {_fmt(r.get('exact_rows'), ',.3g')} | {_fmt(r.get('exact_tflop'), ',.4g')} |"
         )  # fmt: skip
     tot = dry["totals"]
+    lines += ["", "Estimated GPU hours (a stage shared by several experiments counts in the first):", "",
+              "| experiment | training | beam ranking (upper bound) | exact ranking |", "|---|---|---|---|"]
+    for name, part in [*tot["by_experiment"].items(), ("total", tot)]:
+        lines.append(f"| {name} | {part['train_gpu_hours']:,.2f} | {part['beam_gpu_hours']:,.2f} "
+                     f"| {part['exact_gpu_hours']:,.2f} |")  # fmt: skip
     lines += [
         "",
-        f"Estimated GPU hours: training {tot['train_gpu_hours']:,.2f} (at {t['train_tflops']:g} TFLOP/s "
-        f"sustained per GPU), evaluation {tot['eval_gpu_hours']:,.2f} (at {t['eval_tflops']:g} TFLOP/s); "
-        f"{tot['train_tflop']:,.4g} + {tot['eval_tflop']:,.4g} TFLOP. FLOPs: 6 x decoder-body parameters per "
-        "packed position + 6 x vocab x hidden per answer token (training), 2 x body per prompt position + "
-        "2 x (body + vocab x hidden) per scored position (ranking); attention FLOPs left out. Positions per "
-        "training sample are planned on a seeded subset of up to 20,000 samples per stage.",
+        f"Assumed sustained throughput per GPU: {t['train_tflops']:g} TFLOP/s training, {t['eval_tflops']:g} "
+        "TFLOP/s ranking (assumptions, not measurements). FLOPs: 6 x decoder-body parameters per packed "
+        "position + 6 x vocab x hidden per answer token (training), 2 x body per prompt position + 2 x (body "
+        "+ vocab x hidden) per scored position (ranking); attention FLOPs left out. Positions per training "
+        "sample are planned on a seeded subset of up to 20,000 samples per stage; beam positions assume "
+        "every beam runs for the longest title's tokens.",
     ]
     return "\n".join(lines)

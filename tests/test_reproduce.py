@@ -206,6 +206,8 @@ def test_dry_run_counts_every_stage_and_row_without_training(backbone, tmp_path,
     assert plain["model"]["params"] == params
     assert plain["model"]["checkpoint_gb"] == pytest.approx(12 * params / 1e9)
     assert plain["totals"]["train_gpu_hours"] > 0 and plain["cost_curve"]
+    assert set(plain["totals"]["by_experiment"]) == set(EXPERIMENTS)
+    assert {s["experiment"] for s in plain["stages"] if s["stage"] == "pretrain"} == {"table2"}
     assert (tmp_path / "a" / "dry_run.md").read_text().startswith("Dry run")
     assert not (tmp_path / "a" / "reproduce_config.json").exists()
     # The authors' pre-training (p = 0) reads both views as text: exactly twice vanilla's positions; the
@@ -231,6 +233,13 @@ def test_cli_dry_run_needs_a_known_dataset_or_preset(backbone, tmp_path, capsys)
     assert "Estimated GPU hours" in out and "pretrain-only" not in out and "pre-training only" in out
     dry = json.loads((tmp_path / "r" / "dry_run.json").read_text())
     assert dry["settings"]["seed"] == 0 and dry["experiments"] == ["table2", "table4"]
+    # --scale paper: the authors' seed value; --no-exact keeps the scale's name and drops exact ranking.
+    paper = ["--preset", "ml-1m", "--scale", "paper", "--no-exact", "--assume-train-tflops", "100"]
+    assert main([*args, *paper]) == 0
+    settings = json.loads((tmp_path / "r" / "dry_run.json").read_text())["settings"]
+    assert (settings["scale"], settings["exact"], settings["seed"]) == ("paper", False, 42)
+    dry = json.loads((tmp_path / "r" / "dry_run.json").read_text())
+    assert dry["throughput_assumed"]["train_tflops"] == 100 and "exact_tflop" not in dry["rows"][0]
     assert main([*args[:-2], "--preset", "ml-1m", "--assume-train-tflops", "100"]) == 2
     assert main([*args, "--preset", "ml-1m", "--experiments", "table9"]) == 2
 

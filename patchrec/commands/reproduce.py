@@ -58,6 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--protocol", choices=("authors", "clean"), default="authors",
                     help="beam protocol (default authors: comparable with the paper)")
+    ev.add_argument("--no-exact", action="store_true",
+                    help="beam ranking only (the paper's protocol): --scale paper also ranks every title "
+                         "exactly, most of its evaluation cost")
     ev.add_argument("--eval-dtype", choices=("auto", "bf16", "fp32"), default="auto",
                     help="weights dtype when ranking (default auto: bf16 on CUDA, fp32 on CPU)")
     ev.add_argument("--device", default="auto", help="torch device for training and ranking (default auto)")
@@ -83,6 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else (42 if args.scale == "paper" else 0)
     job = Reproduction(args.data, args.backbone, args.out, args.scale, preset=args.preset,
+                       exact=False if args.no_exact else None,
                        experiments=parse_experiments(args.experiments), resume=args.resume,
                        protocol=args.protocol, eval_dtype=args.eval_dtype, device=args.device,
                        authors_code=args.authors_code, checkpoints_per_stage=args.checkpoints_per_stage,
