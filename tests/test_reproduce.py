@@ -4,6 +4,8 @@ done (and adds experiments), the dry run, the released-settings preset and the e
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from conftest import shared_path
 
 import patchrec.reproduce as reproduce_module
 from patchrec.reproduce import Reproduction, Scale, resolve_eval_dtype
+from patchrec.reproduce_estimate import ModelSize, checkpoint_plan, save_every
 from patchrec.reproduce_settings import (
     EXPERIMENTS,
     RELEASES,
@@ -65,7 +68,9 @@ def run(backbone, tmp_path_factory, quiet_cpu):
     import patchrec.train.loop
 
     out = tmp_path_factory.mktemp("repro") / "run"
-    table2 = Reproduction("synthetic", str(backbone), out, SMOKE, preset="ml-100k", progress=False).run()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        table2 = Reproduction("synthetic", str(backbone), out, SMOKE, preset="ml-100k", progress=False).run()
     trained, real = [], patchrec.train.loop.train
 
     def spy(config, **kwargs):
@@ -76,7 +81,7 @@ def run(backbone, tmp_path_factory, quiet_cpu):
         mp.setattr("patchrec.train.loop.train", spy)
         everything = Reproduction("synthetic", str(backbone), out, SMOKE, preset="ml-100k", progress=False,
                                   experiments=EXPERIMENTS, resume=True).run()  # fmt: skip
-    return out, table2, everything, trained
+    return out, table2, everything, trained, printed.getvalue()
 
 
 def _config(out: Path, stage: str) -> dict:
@@ -84,7 +89,7 @@ def _config(out: Path, stage: str) -> dict:
 
 
 def test_table2_rows_stages_checkpoints_and_summary(run):
-    out, rows, _, _ = run
+    out, rows, _, _, printed = run
     names = ["popularity", "sasrec", "gru4rec", "zero-shot", "vanilla", "pft-i", "pft-s"]
     assert [r.name for r in rows] == names
     by_name = {r.name: r for r in rows}
@@ -101,6 +106,9 @@ def test_table2_rows_stages_checkpoints_and_summary(run):
         assert not (out / "stages" / stage / "checkpoints").exists()
         assert (out / "stages" / stage / "model" / "config.json").is_file()
     assert _config(out, "pft-s")["init"] == str(out / "stages" / "pretrain")
+    # The checkpoint plan is printed before anything trains.
+    assert printed.startswith("checkpoints: ") and "every 1 steps = 3 per stage" in printed
+    assert "4 stage(s) to train" in printed
     # Compression: vanilla reads everything as text, PFT-S compresses more than PFT-I.
     assert by_name["vanilla"].cr_measured == pytest.approx(1.0)
     assert 1.0 < by_name["pft-i"].cr_measured < by_name["pft-s"].cr_measured
@@ -118,7 +126,7 @@ def test_table2_rows_stages_checkpoints_and_summary(run):
 
 
 def test_every_experiment_adds_its_stages_and_rows_on_resume(run, backbone):
-    out, _, rows, trained = run
+    out, _, rows, trained, _ = run
     # Only the new experiments' stages trained; table4 ranks the shared pre-training stage.
     assert trained == LATER_STAGES
     assert [s.name for s in experiment_stages(EXPERIMENTS, SMOKE, 2)] == TABLE2_STAGES + LATER_STAGES
@@ -165,7 +173,7 @@ def test_every_experiment_adds_its_stages_and_rows_on_resume(run, backbone):
 
 
 def test_resume_skips_finished_work_and_checks_settings(run, backbone, tmp_path, monkeypatch):
-    out, _, rows, _ = run
+    out, _, rows, _, _ = run
 
     def refuse(*args, **kwargs):
         raise AssertionError("resume retrained or re-evaluated")
@@ -295,6 +303,13 @@ def test_scales_released_settings_and_experiment_names(backbone, tmp_path):
     assert parse_experiments("long, table2") == ("table2", "long") and parse_experiments("all") == EXPERIMENTS
     with pytest.raises(ValueError, match="--experiments"):
         parse_experiments("table2,table5")
+    # Checkpoints of Llama-3.2-1B (1.24B parameters) over an ML-1M stage (8,347 steps): 10 per stage asked,
+    # every 835 steps (9 fit), 14.8 GB each, 2 kept.
+    size = ModelSize(1_235_820_544, 973_146_112, 262_674_432)
+    plan = checkpoint_plan(size, 8347, 10, 2)
+    assert (plan["save_every"], plan["checkpoints"]) == (835, 9)
+    assert (round(plan["checkpoint_gb"], 2), round(plan["peak_gb"], 2)) == (14.83, 29.66)
+    assert checkpoint_plan(size, 8347, 0, 2)["checkpoints"] == 0 and save_every(3, 10) == 1
     # --authors-code: the released pre-training never compresses (p = 0); otherwise the curriculum.
     for authors, p in ((True, 0.0), (False, None)):
         job = Reproduction("synthetic", str(backbone), tmp_path / str(authors), SMOKE, preset="ml-100k",
