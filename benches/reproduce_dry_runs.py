@@ -1,7 +1,7 @@
 """The committed dry runs of ``patchrec reproduce --scale paper --experiments all`` (docs/reproduce.md's
 GPU-hour estimates), without Llama-3.2-1B's weights: a dry run reads only the backbone's config and
 tokenizer, so a stand-in directory holds Llama-3.2-1B's shapes
-(``patchrec.model.llama.PRESETS["llama-3.2-1b"]``), the Llama-3 tokenizer and a chat template that renders
+(``patchrec.model.decoder.PRESETS["llama-3.2-1b"]``), the Llama-3 tokenizer and a chat template that renders
 Llama-3.2-Instruct's layout for a system + user prompt.
 
     python benches/reproduce_dry_runs.py --tokenizer ../shared/tokenizers/llama3 \\
@@ -31,7 +31,7 @@ def stand_in(tokenizer: Path, path: Path) -> Path:
     """config.json of Llama-3.2-1B's shapes + the tokenizer with the chat template; no weights."""
     from transformers import AutoTokenizer
 
-    from patchrec.model.llama import llama_config
+    from patchrec.model.decoder import llama_config
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     tok.chat_template = LLAMA_32_CHAT
@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, help="directory holding ml-100k/, ml-1m/, goodreads/")
     parser.add_argument("--out", required=True, help="results directory")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="llama-3.2-1b-stand-in-") as tmp:
-        backbone = stand_in(Path(args.tokenizer), Path(tmp) / "Llama-3.2-1B-Instruct")
+    # A fixed path, so that the committed results do not change with a random temporary name.
+    root = Path(tempfile.gettempdir()) / "patchrec-llama-3.2-1b-stand-in"
+    shutil.rmtree(root, ignore_errors=True)
+    backbone = stand_in(Path(args.tokenizer), root / "Llama-3.2-1B-Instruct")
+    try:
         for name in DATASETS:
             out = Path(args.out) / name
             shutil.rmtree(out, ignore_errors=True)
@@ -61,6 +64,8 @@ def main() -> None:
                         "--no-progress"])  # fmt: skip
             if code:
                 raise SystemExit(code)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

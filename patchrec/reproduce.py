@@ -237,7 +237,7 @@ class Reproduction:
 
         from patchrec.eval.evaluate import evaluate
         from patchrec.eval.metrics import write_results
-        from patchrec.model.llama import PackedLlama
+        from patchrec.model.decoder import PackedDecoder
 
         planner, test = self.planner(row), self.test_samples(row.max_items)
         rankings = ("beam", "exact") if self.scale.exact else ("beam",)
@@ -250,8 +250,8 @@ class Reproduction:
                 continue
             if model is None:
                 source = self.backbone if row.stage is None else self.out / "stages" / row.stage / "model"
-                model = PackedLlama.from_pretrained(source, vocab_size=tokens.vocab_size,
-                                                    dtype=getattr(torch, self.eval_dtype))  # fmt: skip
+                model = PackedDecoder.from_pretrained(source, vocab_size=tokens.vocab_size,
+                                                      dtype=getattr(torch, self.eval_dtype))  # fmt: skip
                 model.to(self.eval_device)
             res = evaluate(model, tokens, test, planner=planner, ranking=ranking, ks=(10, 20),
                            max_rows=self.scale.max_rows, progress=self.progress,

@@ -49,19 +49,18 @@ class ModelSize:
 
 def model_size(backbone: str | Path, vocab_size: int) -> ModelSize:
     """Parameter counts of ``backbone`` (HF directory or .gguf) resized to ``vocab_size``, from its config
-    alone: the model is built on the meta device, no weights are read."""
-    from transformers import LlamaForCausalLM
-
-    from patchrec.model.backbone import check_architecture, read_config
+    alone: the model of its family is built on the meta device, no weights are read."""
+    from patchrec.model.backbone import causal_lm_class, check_architecture, read_config
 
     config = copy.deepcopy(read_config(backbone))
     check_architecture(config, backbone)
     config.vocab_size = vocab_size
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    params = sum(p.numel() for p in model.parameters())
-    body = sum(p.numel() for p in model.model.layers.parameters()) + model.model.norm.weight.numel()
-    return ModelSize(params, body, vocab_size * config.hidden_size)
+        model = causal_lm_class(config)(config)
+    params = sum(p.numel() for p in model.parameters())  # a tied output layer counts once
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    body = params - embed.numel() - (0 if head is embed else head.numel())
+    return ModelSize(params, body, head.numel())
 
 
 def save_every(steps: int, per_stage: int) -> int:

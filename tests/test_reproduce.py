@@ -41,12 +41,12 @@ def backbone(tmp_path_factory):
     from patchrec.batching.tokenizer_train import train_title_tokenizer
     from patchrec.batching.tokens import load_tokenizer
     from patchrec.data.source import load_data
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedDecoder
 
     path = tmp_path_factory.mktemp("backbone")
     dataset = load_data("synthetic")
     train_title_tokenizer(dataset.titles, path, 400, extra_texts=[dataset.system_prompt, dataset.user_prompt])
-    PackedLlama.from_preset("tiny", len(load_tokenizer(path)), seed=0).save_pretrained(path)
+    PackedDecoder.from_preset("tiny", len(load_tokenizer(path)), seed=0).save_pretrained(path)
     return path
 
 
@@ -198,7 +198,7 @@ def test_resume_skips_finished_work_and_checks_settings(run, backbone, tmp_path,
 
 
 def test_dry_run_counts_every_stage_and_row_without_training(backbone, tmp_path, monkeypatch):
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedDecoder
 
     monkeypatch.setattr("patchrec.train.loop.train", None)  # a dry run never trains
     plain = Reproduction("synthetic", str(backbone), tmp_path / "a", SMOKE, preset="ml-100k",
@@ -210,7 +210,7 @@ def test_dry_run_counts_every_stage_and_row_without_training(backbone, tmp_path,
     assert all(s["rows_per_sample"] > 0 and s["tflop"] > 0 and s["save_every"] == 1 for s in stages.values())
     assert len(plain["rows"]) == 14 and all(r["samples"] == 6 and r["exact_tflop"] > 0 for r in plain["rows"])
     # Sizes from the config alone match the real model.
-    params = sum(p.numel() for p in PackedLlama.from_pretrained(backbone).parameters())
+    params = sum(p.numel() for p in PackedDecoder.from_pretrained(backbone).parameters())
     assert plain["model"]["params"] == params
     assert plain["model"]["checkpoint_gb"] == pytest.approx(12 * params / 1e9)
     assert plain["totals"]["train_gpu_hours"] > 0 and plain["cost_curve"]
