@@ -39,16 +39,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from patchrec.batching.plan import evaluation_plan
 from patchrec.data.source import load_data
 from patchrec.eval.metrics import DEFAULT_KS
 
 PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
 # train_config.json fields (same names as the flags) that default to the run's; the plan is derived from two.
-SAVED_FIELDS = ("k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old")
+PERSREC_OPTIONS = ("persrec_tokens", "persrec_segment", "persrec_old", "persrec_layout", "persrec_window",
+                   "persrec_recent")  # fmt: skip
+SAVED_FIELDS = ("k", "g", "max_items", *PERSREC_OPTIONS)
 FALLBACK = {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100, "persrec_tokens": 4, "persrec_segment": 20,
-            "persrec_old": "item"}  # without a train_config.json
-PERSREC_FLAGS = ("persrec_tokens", "persrec_segment", "persrec_old", "persrec_cache")
+            "persrec_old": "item", "persrec_layout": "segments", "persrec_window": 0,
+            "persrec_recent": 0}  # without a train_config.json  # fmt: skip
+PERSREC_FLAGS = (*PERSREC_OPTIONS, "persrec_cache")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -78,6 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="persrec: personalization tokens per old segment (default: the run's, else 4)")
     data.add_argument("--persrec-segment", type=int, default=None,
                       help="persrec: items per old segment (default: the run's, else 20)")
+    data.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
+                      help="persrec: the layout (default: the run's, else segments)")
+    data.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P (the run's)")
+    data.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R (the run's)")
     data.add_argument("--persrec-old", choices=("text", "item"), default=None,
                       help="persrec: old items as item patches or text (default: the run's, else item)")
     data.add_argument("--persrec-cache", choices=("on", "off"), default=None,
@@ -151,7 +160,7 @@ def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[st
         saved_values.update({name: saved[name] for name in SAVED_FIELDS if name in saved})
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in ("plan", "k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old"):
+    for name in ("plan", "k", "g", "max_items", *PERSREC_OPTIONS):
         if name.startswith("persrec_") and values["plan"] != "persrec":
             continue  # the persrec options only exist for that plan
         given = getattr(args, name, None)
@@ -210,11 +219,11 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     tokenizer_dir = args.tokenizer or str(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     dataset = load_data(args.data)
-    persrec = {"segment": settings.get("persrec_segment", FALLBACK["persrec_segment"]),
-               "tokens": settings.get("persrec_tokens", FALLBACK["persrec_tokens"]),
-               "old": settings.get("persrec_old", FALLBACK["persrec_old"])}  # fmt: skip
+    persrec = {name.removeprefix("persrec_"): settings.get(name, FALLBACK[name]) for name in PERSREC_OPTIONS}
     num_persrec = persrec["tokens"] if plan == "persrec" else 0
     tokens = tokenize_dataset(tokenizer, dataset, persrec_tokens=num_persrec)
+    if plan == "persrec" and persrec["layout"] == "rolling":
+        max_items = int(np.diff(dataset.user_offsets).max(initial=1))  # the whole timeline
     samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")

@@ -38,7 +38,7 @@ import argparse
 from patchrec.train.config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
-_OVERRIDES = ("k", "g", "p", "persrec_tokens", "persrec_segment", "persrec_old",
+_OVERRIDES = ("k", "g", "p", *PERSREC_FIELDS,
               "init", "lora_r", "lora_alpha", "lora_targets", "train_embeddings", "save",
               "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
@@ -72,6 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="persrec: items per old-history segment, from the oldest (default 20)")
     what.add_argument("--persrec-old", choices=("text", "item"), default=None,
                       help="persrec: old items as item patches (default) or text")
+    what.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
+                      help="persrec: segments (default), window (one old window of P items, then R recent) "
+                           "or rolling (a k-vector memory over the whole timeline)")
+    what.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P")
+    what.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R")
+    what.add_argument("--persrec-unroll", type=int, default=None,
+                      help="persrec rolling layout: cut the memory's gradient every U segments (0: never)")
 
     lora = parser.add_argument_group("LoRA (needs peft: pip install 'patchrec[peft]')")
     lora.add_argument("--lora-r", type=int, default=None,
@@ -155,6 +162,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     values |= {"stage": args.stage, "data": args.data, "out": args.out, "progress": not args.no_progress}
     values |= {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+    if args.persrec_layout == "window" and args.max_items is None and None not in (
+        args.persrec_window, args.persrec_recent
+    ):  # the window layout reads P + R items
+        values["max_items"] = args.persrec_window + args.persrec_recent
     return TrainConfig(**values)
 
 

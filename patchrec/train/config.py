@@ -25,8 +25,12 @@ from patchrec.batching.plan import check_persrec_options
 
 STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout", "persrec")
 # persrec_* field -> its flag and default (the fields only apply to stage persrec)
-PERSREC_FIELDS = {"persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
-                  "persrec_old": ("--persrec-old", "item")}
+PERSREC_FIELDS = {
+    "persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
+    "persrec_old": ("--persrec-old", "item"), "persrec_layout": ("--persrec-layout", "segments"),
+    "persrec_window": ("--persrec-window", 0), "persrec_recent": ("--persrec-recent", 0),
+    "persrec_unroll": ("--persrec-unroll", 0),
+}  # fmt: skip
 DTYPES = ("auto", "bf16", "fp32")
 TRAIN_EMBEDDINGS = ("none", "new", "all")  # patchrec.model.lora's choices
 SAVES = ("merged", "adapter")
@@ -47,6 +51,10 @@ class TrainConfig:
     persrec_tokens: int = 4  # persrec: personalization tokens T after each old segment (new embedding rows)
     persrec_segment: int = 20  # persrec: items per old-history segment (the last 1..N items stay recent text)
     persrec_old: str = "item"  # persrec: old items inside segments as item patches (item) or as text (text)
+    persrec_layout: str = "segments"  # persrec: segments | window (the paper's) | rolling (bounded state)
+    persrec_window: int = 0  # persrec window layout: P old items compressed into the tokens
+    persrec_recent: int = 0  # persrec window layout: R newest items as text (reads P + R = max_items)
+    persrec_unroll: int = 0  # persrec rolling layout: cut the memory's gradient every U segments (0: never)
     init: str = "tiny"  # model preset (random init), HF model / checkpoint / run directory, or a .gguf file
     # ---- LoRA (peft; patchrec[peft]) ---------------------------------------------------------------------
     lora_r: int = 0  # LoRA rank on the decoder's linear layers (0 = full fine-tuning)
@@ -114,7 +122,13 @@ class TrainConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
-        check_persrec_options(self.persrec_segment, self.persrec_tokens, self.persrec_old)
+        check_persrec_options(self.persrec_segment, self.persrec_tokens, self.persrec_old,
+                              self.persrec_layout, self.persrec_window, self.persrec_recent,
+                              self.persrec_unroll)  # fmt: skip
+        window = self.persrec_window + self.persrec_recent
+        if self.persrec_layout == "window" and self.max_items != window:
+            raise ValueError(f"--persrec-layout window reads P + R = {window} items: --max-items must be "
+                             f"that, got {self.max_items}")  # fmt: skip
         self._validate_lora()
         if self.stage != "persrec":
             for name, (flag, default) in PERSREC_FIELDS.items():

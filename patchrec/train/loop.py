@@ -238,7 +238,17 @@ def val_planner(config: TrainConfig) -> Planner:
 
 def persrec_options(config: TrainConfig) -> dict[str, Any]:
     """The persrec plan's options of a config (``make_planner`` keywords)."""
-    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old}
+    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old,
+            "layout": config.persrec_layout, "window": config.persrec_window, "recent": config.persrec_recent,
+            "unroll": config.persrec_unroll}
+
+
+def history_items(config: TrainConfig, dataset) -> int:
+    """Items of history a sample reads: ``max_items``, or the whole timeline for PerSRec's rolling layout
+    (its segments are fixed from each user's first interaction)."""
+    if config.stage == "persrec" and config.persrec_layout == "rolling":
+        return max(int(np.diff(dataset.user_offsets).max(initial=1)), 1)
+    return config.max_items
 
 
 def persrec_token_count(config: TrainConfig) -> int:
@@ -409,8 +419,8 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
         (out / "log.jsonl").unlink(missing_ok=True)
         config.replace(tokenizer=str(tok_dir)).to_json(out / "train_config.json")
 
-    train_samples = random_subset(make_samples(dataset, "train", config.max_items), config.train_samples,
-                                  config.seed)
+    train_all = make_samples(dataset, "train", history_items(config, dataset))
+    train_samples = random_subset(train_all, config.train_samples, config.seed)
     if len(train_samples) == 0:
         raise ValueError(f"data {config.data!r} has no training samples")
     planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p, **persrec_options(config))
@@ -439,7 +449,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
 
     val_samples = None
     if config.val_every > 0:
-        val_all = make_samples(dataset, "val", config.max_items)
+        val_all = make_samples(dataset, "val", history_items(config, dataset))
         val_samples = random_subset(val_all, config.val_samples, config.seed + 1) if len(val_all) else None
 
     result = TrainResult(out, None, position["step"], total_steps, rank=ctx.rank, world_size=ctx.world_size)
