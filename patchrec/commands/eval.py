@@ -11,11 +11,13 @@ authors`` (default: transformers 4.46.3 group beam search as the PatchRec author
 or ``--protocol clean`` (see ``patchrec.eval.beam``).
 
 ``--model`` is a model directory, a checkpoint ``R/checkpoints/step-N`` or a training run directory ``R``
-(its ``R/model``). When the run's ``train_config.json`` is found (in the model directory, its parent, or two
-levels up for a checkpoint), ``--plan``, ``--k``, ``--g`` and ``--max-items`` default to how the model was
-trained: the plan is the run's ``val_plan``, else its stage when that is vanilla / pft-i / pft-s, else pft-i.
-A flag that contradicts the saved value is an error unless ``--force``. Without the file the defaults are
-vanilla, 5, 5, 100. The results JSON records where each value came from.
+(its ``R/model``); a LoRA adapter directory (``--save adapter``, a LoRA run's checkpoints) loads its base
+model from where training read it, then the adapter, merged. When the run's ``train_config.json`` is
+found (in the model directory, its parent, or two levels up for a checkpoint), ``--plan``, ``--k``, ``--g``
+and ``--max-items`` default to how the model was trained: the plan is the run's ``val_plan``, else its
+stage when that is vanilla / pft-i / pft-s, else pft-i. A flag that contradicts the saved value is an error
+unless ``--force``. Without the file the defaults are vanilla, 5, 5, 100. The results JSON records where
+each value came from.
 
 ``--plan persrec`` (a ``--stage persrec`` run; its ``--persrec-*`` options also default to the run's):
 ``--persrec-cache on`` (default) builds each user's state (prefix + personalization tokens, per layer) from
@@ -121,10 +123,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def resolve_model_path(model: str) -> Path:
     """``--model`` -> the directory (or file) to load: a run directory ``R`` means ``R/model``."""
+    from patchrec.model.lora import is_adapter_dir  # heavy (torch, transformers): only when a command runs
+
     path = Path(model)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+    is_model = lambda p: (p / "config.json").is_file() or is_adapter_dir(p)  # noqa: E731
+    if not is_model(path) and is_model(path / "model"):
         return path / "model"
-    if (path / "train_config.json").is_file() and not (path / "config.json").is_file():
+    if (path / "train_config.json").is_file() and not is_model(path):
         raise FileNotFoundError(f"--model {model}: a training run directory without model/ "
                                 "(pass one of its checkpoints/step-N)")  # fmt: skip
     return path
@@ -194,7 +199,7 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.eval.metrics import write_results
-    from patchrec.model.decoder import PackedDecoder
+    from patchrec.model.lora import load_model
     from patchrec.train.distributed import evaluate_sharded
 
     model_dir = resolve_model_path(args.model)
@@ -222,8 +227,9 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
-    model = PackedDecoder.from_pretrained(model_dir, vocab_size=tokens.vocab_size,
-                                        dtype=getattr(torch, dtype_name)).to(device)  # fmt: skip
+    # A LoRA adapter directory loads its base, then the adapter, merged (the same scores, one matmul less).
+    model = load_model(model_dir, vocab_size=tokens.vocab_size, dtype=getattr(torch, dtype_name),
+                       merge=True).to(device)  # fmt: skip
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")
     planner = make_planner(plan, k=settings["k"], g=settings["g"], **persrec)

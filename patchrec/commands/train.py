@@ -16,6 +16,13 @@ micro-batches of ``--max-rows`` rows; weights and optimizer state are fp32 (``--
 ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into
 ``--out``.
 
+LoRA (``pip install 'patchrec[peft]'``): ``--lora-r 16`` trains adapters on every attention and MLP
+projection instead of all weights; ``--train-embeddings new`` (default) also trains the embedding rows
+patchrec adds (history markers, PerSRec tokens), ``none`` freezes the table, ``all`` trains it. Checkpoints
+are adapter directories (LoRA weights, the embedding rows that differ from the base, and the base's path);
+the final ``model/`` is merged into plain weights (``--save merged``, default) or an adapter directory
+(``--save adapter``). ``patchrec eval --model`` loads either.
+
 Several GPUs or machines: launch the same command with ``torchrun`` (``torchrun --nproc-per-node 8 -m
 patchrec train ...``; add ``--nnodes`` and a rendezvous for several machines). ``--parallel ddp`` (default)
 keeps a replica per GPU, ``--parallel fsdp`` shards weights, gradients and AdamW state (FSDP2). A step is
@@ -32,7 +39,8 @@ from patchrec.train.config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
 _OVERRIDES = ("k", "g", "p", *PERSREC_FIELDS,
-              "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
+              "init", "lora_r", "lora_alpha", "lora_targets", "train_embeddings", "save",
+              "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
               "synthetic_interests", "synthetic_long_term_share", "lr",
               "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
@@ -71,6 +79,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R")
     what.add_argument("--persrec-unroll", type=int, default=None,
                       help="persrec rolling layout: cut the memory's gradient every U segments (0: never)")
+
+    lora = parser.add_argument_group("LoRA (needs peft: pip install 'patchrec[peft]')")
+    lora.add_argument("--lora-r", type=int, default=None,
+                      help="LoRA rank on the decoder's linear layers; 0 (default) = full fine-tuning")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA scale alpha: updates are alpha/r B A (default 2 r)")
+    lora.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                      help="modules that get adapters (default: q_proj k_proj v_proj o_proj gate_proj "
+                           "up_proj down_proj)")
+    lora.add_argument("--train-embeddings", choices=("none", "new", "all"), default=None,
+                      help="with LoRA, the embedding table: frozen, only the rows patchrec adds (markers, "
+                           "PerSRec tokens; default) or all rows")
+    lora.add_argument("--save", choices=("merged", "adapter"), default=None,
+                      help="with LoRA, the final model/: adapters merged into plain weights (default) or the "
+                           "adapter directory (needs the base model where it was); checkpoints are adapters")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="release directory or 'synthetic'")

@@ -97,6 +97,10 @@ class PackedDecoder(nn.Module):
         check_architecture(lm.config, type(lm).__name__)
         lm.set_attn_implementation(PACKED_ATTENTION)
         self.lm = lm
+        # Rows of the table as the checkpoint had them (rows past it were added: markers, PerSRec tokens).
+        self.base_vocab_size = lm.get_input_embeddings().num_embeddings
+        # LoRA adapters when ``patchrec.model.lora.apply_lora`` added them (it owns their saving).
+        self.adapter = None
 
     @classmethod
     def from_preset(cls, preset: str | ModelPreset, vocab_size: int, *, seed: int = 0, **overrides):
@@ -114,15 +118,22 @@ class PackedDecoder(nn.Module):
         once the history markers are added) when it is larger. ``dtype`` None keeps the checkpoint's dtype
         (fp32 for GGUF)."""
         lm = load_causal_lm(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
-        if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
+        base_vocab_size = lm.get_input_embeddings().num_embeddings
+        if vocab_size is not None and vocab_size > base_vocab_size:
             # New marker rows start at the mean of the existing rows (transformers' default), so the
             # markers begin as an "average token" rather than random noise.
             lm.resize_token_embeddings(vocab_size)
-        return cls(lm)
+        model = cls(lm)
+        model.base_vocab_size = base_vocab_size
+        return model
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + safetensors, loadable by ``from_pretrained`` and by transformers; ``dtype``
-        writes a cast copy (config included) and leaves the model's own weights as they are."""
+        writes a cast copy (config included) and leaves the model's own weights as they are. A model with
+        LoRA adapters writes an adapter directory instead (``patchrec.model.lora``)."""
+        if self.adapter is not None:
+            self.adapter.save(self, path, dtype)
+            return
         lm = self.lm
         if dtype is not None and any(p.dtype != dtype for p in lm.parameters()):
             lm = copy.deepcopy(lm).to(dtype)
@@ -131,6 +142,10 @@ class PackedDecoder(nn.Module):
     @property
     def config(self) -> PretrainedConfig:
         return self.lm.config
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters an optimizer must not decay (the table whose rows LoRA ``new`` masks)."""
+        return set() if self.adapter is None else self.adapter.no_weight_decay(self)
 
     @property
     def vocab_size(self) -> int:

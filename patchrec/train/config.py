@@ -6,7 +6,7 @@ An optimizer step is ``batch_size`` samples, the same for every plan (a pre-trai
 its two views); they are packed into token-budget micro-batches of at most ``max_rows`` rows whose gradients
 are accumulated, so ``max_rows`` only trades memory for speed and never changes what is computed.
 Parameters and optimizer state are fp32 (master weights) whatever the checkpoint's dtype; ``dtype`` only
-sets the compute (bf16 autocast on CUDA).
+sets the compute (bf16 autocast on CUDA). ``lora_r`` > 0 trains LoRA adapters (peft) instead of every weight.
 
 Under ``torchrun`` a step is still ``batch_size`` samples in total, split over the ranks by packed rows
 (``patchrec.train.distributed``), so the global batch, the losses and the schedule do not depend on the world
@@ -32,6 +32,11 @@ PERSREC_FIELDS = {
     "persrec_unroll": ("--persrec-unroll", 0),
 }  # fmt: skip
 DTYPES = ("auto", "bf16", "fp32")
+TRAIN_EMBEDDINGS = ("none", "new", "all")  # patchrec.model.lora's choices
+SAVES = ("merged", "adapter")
+# LoRA-only fields -> their flags (they must keep their defaults when lora_r is 0)
+LORA_FIELDS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+               "train_embeddings": "--train-embeddings"}
 SAVE_DTYPES = ("fp32", "bf16")
 PARALLEL = ("auto", "ddp", "fsdp")
 
@@ -51,6 +56,12 @@ class TrainConfig:
     persrec_recent: int = 0  # persrec window layout: R newest items as text (reads P + R = max_items)
     persrec_unroll: int = 0  # persrec rolling layout: cut the memory's gradient every U segments (0: never)
     init: str = "tiny"  # model preset (random init), HF model / checkpoint / run directory, or a .gguf file
+    # ---- LoRA (peft; patchrec[peft]) ---------------------------------------------------------------------
+    lora_r: int = 0  # LoRA rank on the decoder's linear layers (0 = full fine-tuning)
+    lora_alpha: float | None = None  # LoRA scale: updates are (alpha / r) B A; None = 2 r
+    lora_targets: list[str] | None = None  # module names that get adapters; None = every q/k/v/o/MLP proj
+    train_embeddings: str | None = None  # LoRA: none | new (markers + PerSRec rows) | all; None = new
+    save: str = "merged"  # LoRA: the final model/ merged into plain weights, or the adapter (+ base path)
     # ---- data --------------------------------------------------------------------------------------------
     data: str = "synthetic"  # release directory, or "synthetic" (patchrec.data.synthetic)
     synthetic_users: int = 1000  # --data synthetic: users
@@ -118,6 +129,7 @@ class TrainConfig:
         if self.persrec_layout == "window" and self.max_items != window:
             raise ValueError(f"--persrec-layout window reads P + R = {window} items: --max-items must be "
                              f"that, got {self.max_items}")  # fmt: skip
+        self._validate_lora()
         if self.stage != "persrec":
             for name, (flag, default) in PERSREC_FIELDS.items():
                 if getattr(self, name) != default:
@@ -135,6 +147,28 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
+
+    def _validate_lora(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.save not in SAVES:
+            raise ValueError(f"--save must be one of {SAVES}, got {self.save!r}")
+        if not self.lora_r:
+            for name, flag in LORA_FIELDS.items():
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{flag} is only for LoRA (--lora-r > 0)")
+            if self.save != "merged":
+                raise ValueError("--save adapter is only for LoRA (--lora-r > 0)")
+            return
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ValueError("--lora-targets must name at least one module")
+        if self.train_embeddings is not None and self.train_embeddings not in TRAIN_EMBEDDINGS:
+            choices = TRAIN_EMBEDDINGS
+            raise ValueError(f"--train-embeddings must be one of {choices}, got {self.train_embeddings!r}")
+        if self.parallel == "fsdp":
+            raise ValueError("--lora-r with --parallel fsdp is not supported: use ddp (the default)")
 
     # ---- serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
