@@ -68,9 +68,9 @@ def _pft_batches(setup):
     # apart; a vanilla batch has T == S == R and a PFT-I one S == R, which the first compile would otherwise
     # fold into one size (duck sizing) and the next plan would recompile.
     batches = [
-        _batch(setup, "pft-s", [0, 3]),
-        _batch(setup, "pft-i", [1, 4]),
-        _batch(setup, "vanilla", [2, 5]),
+        _batch(setup, "pft-s", [6, 7]),  # samples with 8 history items: sessions with remainders
+        _batch(setup, "pft-i", [5, 12]),
+        _batch(setup, "vanilla", [11, 10]),
     ]
     rows, tokens = [b.num_rows for b in batches], [b.token_ids.numel() for b in batches]
     assert len(set(rows)) == 3 and len(set(tokens)) == 3, "the batches must differ in shape"
