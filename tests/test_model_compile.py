@@ -1,5 +1,6 @@
-"""``torch.compile(PackedLlama)`` (aot_eager, dynamic shapes): compiled equals eager, loss and gradients, for
-vanilla, PFT-I, PFT-S and PerSRec batches, and a batch of another shape or plan reuses the compiled graphs.
+"""``torch.compile(PackedDecoder)`` (aot_eager, dynamic shapes): compiled equals eager, loss and gradients,
+for vanilla, PFT-I, PFT-S and PerSRec batches, and a batch of another shape or plan reuses the compiled
+graphs.
 For the PFT plans the Triton kernel runs inside its custom op (on CPU in the interpreter: the path that
 used to fail with "RuntimeError when making fake tensor call"; on a GPU compiled, with a fused attention
 backend in bf16); the PerSRec test runs the references, as CPU training does."""
@@ -15,7 +16,7 @@ from patchrec.batching.pack import iter_batches
 from patchrec.batching.plan import make_planner
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedDecoder
 
 SEGMENT, TOKENS = 3, 2
 
@@ -82,14 +83,14 @@ def _pft_batches(setup):
 
 def test_compiled_model_equals_eager_for_vanilla_pft_i_and_pft_s_without_recompiling(setup):
     td, _ = setup
-    model = PackedLlama.from_preset("tiny", td.vocab_size, seed=3, num_hidden_layers=1)
+    model = PackedDecoder.from_preset("tiny", td.vocab_size, seed=3, num_hidden_layers=1)
     _check_compiled_steps(model, _pft_batches(setup))
 
 
 def test_compiled_model_equals_eager_for_persrec_without_recompiling(setup, reference_ops):
     """With the references, as CPU training runs them: the reference patch_embed is traced into the graph."""
     td, _ = setup
-    model = PackedLlama.from_preset("tiny", td.vocab_size, seed=4, num_hidden_layers=1)
+    model = PackedDecoder.from_preset("tiny", td.vocab_size, seed=4, num_hidden_layers=1)
     batches = [_batch(setup, "persrec", [0, 3, 5]), _batch(setup, "persrec", [1, 4, 6, 7])]
     assert all(b.layout is not None for b in batches)
     assert batches[0].layout.max_k != batches[1].layout.max_k
@@ -100,6 +101,6 @@ def test_compiled_model_equals_eager_for_persrec_without_recompiling(setup, refe
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_compiled_model_equals_eager(setup, dtype):
     td, _ = setup
-    model = PackedLlama.from_preset("tiny", td.vocab_size, seed=3, num_hidden_layers=1).to("cuda", dtype)
+    model = PackedDecoder.from_preset("tiny", td.vocab_size, seed=3, num_hidden_layers=1).to("cuda", dtype)
     tol = (1e-4, 1e-5) if dtype == torch.float32 else (3e-2, 3e-2)
     _check_compiled_steps(model, _pft_batches(setup), device="cuda", tol=tol)
