@@ -117,7 +117,7 @@ def attention_pairs(
             pairs += lq * lk
         elif lq <= lk + 1:  # bottom-right: query i sees i + lk - lq + 1 keys
             pairs += lq * lk - lq * (lq - 1) // 2
-        else:  # queries beyond the first lq - lk see no key; the last lk see 1..lk
+        else:  # the first lq - lk queries see no key; the last lk see 1..lk keys
             pairs += lk * (lk + 1) // 2
     return pairs
 
