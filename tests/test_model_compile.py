@@ -1,6 +1,6 @@
-"""``torch.compile(PackedDecoder)`` (aot_eager, dynamic shapes): compiled equals eager, loss and gradients,
-for vanilla, PFT-I, PFT-S and PerSRec batches, and a batch of another shape or plan reuses the compiled
-graphs.
+"""``torch.compile(PackedDecoder, fullgraph=True)`` (aot_eager, dynamic shapes): compiled equals eager, loss
+and gradients, for vanilla, PFT-I, PFT-S and PerSRec batches, in one graph per step, and a batch of another
+shape or plan reuses the compiled graphs.
 For the PFT plans the Triton kernel runs inside its custom op (on CPU in the interpreter: the path that
 used to fail with "RuntimeError when making fake tensor call"; on a GPU compiled, with a fused attention
 backend in bf16); the PerSRec test runs the references, as CPU training does."""
@@ -52,7 +52,7 @@ def _step(model, call, batch):
 
 def _check_compiled_steps(model, batches, device="cpu", tol=(1e-5, 1e-6)):
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)  # one graph per step
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         # The first batch compiles; every later one (other shapes, other plans) must reuse its graphs.

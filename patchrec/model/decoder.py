@@ -255,7 +255,9 @@ class PackedDecoder(nn.Module):
         sums = torch.zeros(q, dtype=torch.float32, device=hidden.device).index_add_(
             0, batch.label_sample, label_loss
         )
-        counts = torch.bincount(batch.label_sample, minlength=q).clamp_min(1)
+        # index_add, not bincount: bincount's output size depends on the data, which breaks a compiled graph
+        ones = torch.ones_like(label_loss)
+        counts = torch.zeros_like(sums).index_add_(0, batch.label_sample, ones).clamp_min(1)
         return PackedOutput(label_loss.mean(), label_loss, sums / counts, answer_hidden)
 
 
