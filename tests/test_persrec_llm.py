@@ -1,5 +1,5 @@
 """The LLM ``persrec`` plan: packed rows and blocks against a row-by-row reference, the packed forward and its
-gradients against transformers' eager Llama with PerSRec's dense mask (METHOD.md §6), cached (``on``) vs
+gradients against transformers' eager Llama with PerSRec's dense mask (docs/method.md §6), cached (``on``) vs
 uncached (``off``) scoring, beam search, training, the eval command and the flag errors."""
 
 from __future__ import annotations

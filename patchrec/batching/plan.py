@@ -1,4 +1,4 @@
-"""Compression plans (METHOD.md §3): which granularity each history item gets.
+"""Compression plans (docs/method.md §3): which granularity each history item gets.
 
 A plan of a history of ``n`` items (oldest first) is two arrays of length ``n``:
 - ``kinds``: ``TEXT`` (the title's tokens, one position each), ``ITEM`` (one item patch), ``SESSION``
@@ -84,7 +84,7 @@ def pft_i_plan(n: int, k: int) -> Plan:
 def pft_s_plan(n: int, g: int) -> Plan:
     """PFT-S: the newest ``g`` items as text, the ``g`` before them as item patches, everything older as
     session patches of ``g`` items cut from the newest end, so that the remainder ((older count) mod ``g``)
-    is held by the OLDEST session on its own (METHOD.md §3: "the oldest session holds the remainder")."""
+    is held by the OLDEST session on its own (docs/method.md §3: "the oldest session holds the remainder")."""
     _check_n(n)
     if g < 1:
         raise ValueError(f"g (session size) must be >= 1, got {g}")
@@ -197,7 +197,7 @@ def stack_plans(plans: list[Plan], width: int | None = None) -> BatchPlan:
 class Planner:
     """A named plan with its parameters; ``plan``/``plan_batch`` give one entry per view.
 
-    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum of METHOD.md §3: ``p`` = optimizer step /
+    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum (docs/method.md §3): ``p`` = step /
     total steps of the run (training passes it to the packer as ``progress``).
 
     ``pretrain`` and ``dropout`` give two views per sample: the all-text history first, then the compressed

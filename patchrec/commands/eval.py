@@ -1,8 +1,8 @@
-"""``patchrec eval``: whole-catalog evaluation of a Llama checkpoint on the packed path (METHOD.md §5).
+"""``patchrec eval``: whole-catalog evaluation of a Llama checkpoint on the packed path (docs/method.md §5).
 
 Example::
 
-    patchrec eval --model runs/pft-s --data ../shared/data/patchrec/ml-100k --split test \\
+    patchrec eval --model runs/pft-s --data data/ml-100k --split test \\
         --out runs/pft-s/test_exact.json     # plan, K, G, L: runs/pft-s/train_config.json's
 
 ``--ranking exact`` (default) scores every distinct title by its log-likelihood as the answer (full ranks);

@@ -1,11 +1,11 @@
 """``patchrec train``: one training stage on the packed path (patch pre-training, PFT-I, PFT-S, vanilla SFT,
 dropout ablation).
 
-Two-stage example (METHOD.md §3)::
+Two-stage example (docs/method.md §3)::
 
-    patchrec train --stage pretrain --data ../shared/data/patchrec/ml-100k \\
-        --tokenizer ../shared/tokenizers/llama3 --init tiny --preset tiny --out runs/ml100k-pretrain
-    patchrec train --stage pft-i --data ../shared/data/patchrec/ml-100k \\
+    patchrec train --stage pretrain --data data/ml-100k \\
+        --tokenizer path/to/llama3 --init tiny --preset tiny --out runs/ml100k-pretrain
+    patchrec train --stage pft-i --data data/ml-100k \\
         --init runs/ml100k-pretrain --preset tiny --out runs/ml100k-pft-i
 
 ``--init`` is a model preset (random init), a Hugging Face model directory, a ``.gguf`` file (its tokenizer
@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="model preset (tiny, llama-3.2-1b: random init), HF model dir, .gguf file, or a "
                            "previous run dir")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="hyperparameter preset (METHOD.md §3 released settings, or tiny for CPU)")
+                      help="hyperparameter preset (docs/method.md §3 released settings, or tiny for CPU)")
     what.add_argument("--k", type=int, default=None, help="pft-i: newest items kept as text (default 5)")
     what.add_argument("--g", type=int, default=None, help="pft-s: session size (default 5; ml-100k 20)")
     what.add_argument("--p", type=float, default=None,
@@ -123,7 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     opt.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     opt.add_argument("--batch-size", type=int, default=None,
-                     help="samples per optimizer step, the same for every plan (default 64; METHOD.md §3)")
+                     help="samples per optimizer step, the same for every plan (default 64)")
     opt.add_argument("--max-rows", type=int, default=None,
                      help="packed rows per micro-batch (memory only: a step's samples are accumulated)")
     opt.add_argument("--seed", type=int, default=None, help="seed for init, data order and random plans")

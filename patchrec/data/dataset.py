@@ -1,7 +1,7 @@
 """In-memory dataset and sample index: flat numpy arrays, no per-user or per-sample Python objects.
 
 Every loader (release format, raw MovieLens, synthetic) produces a ``Dataset``; training and evaluation read
-``Samples`` made from it (METHOD.md §4).
+``Samples`` made from it (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Dataset:
 @dataclass
 class Samples:
     """The samples of one split: for target position ``idx >= 3`` of a user, history = the latest
-    ``max_items`` items before it (METHOD.md §4).
+    ``max_items`` items before it (docs/method.md §4).
 
     Stored as absolute indices into ``dataset.items``: history of sample ``i`` is
     ``items[hist_start[i]:target_index[i]]`` and its target ``items[target_index[i]]``.

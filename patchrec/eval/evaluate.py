@@ -1,4 +1,4 @@
-"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (METHOD.md §5).
+"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (docs/method.md §5).
 
 Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)

@@ -1,6 +1,6 @@
 """Configuration of one training stage on the packed path (``patchrec.train.loop``), with named presets.
 
-The released settings (METHOD.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
+The released settings (docs/method.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
 warmup ratio 0.05, gradient clipping at 0.3, bf16, global batch 64 (MovieLens) / 32 (Goodreads) samples.
 An optimizer step is ``batch_size`` samples, the same for every plan (a pre-training or dropout sample brings
 its two views); they are packed into token-budget micro-batches of at most ``max_rows`` rows whose gradients
@@ -73,7 +73,7 @@ class TrainConfig:
     synthetic_seed: int = 0  # --data synthetic: generator seed (independent of the training seed)
     tokenizer: str | None = None  # HF tokenizer dir / .gguf; None: the init's, or a BPE trained on the titles
     tokenizer_vocab: int = 1000  # vocabulary of the BPE trained on the titles when no tokenizer is given
-    max_items: int = 100  # history length L (METHOD.md §4)
+    max_items: int = 100  # history length L (docs/method.md §4)
     train_samples: int = 0  # use a seeded random subset of this many training samples (0 = all)
     out: str = "runs/train"  # output directory (model/, checkpoints/, log.jsonl, train_config.json)
     # ---- optimisation ------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class TrainConfig:
     grad_clip: float = 0.3  # max global gradient norm (0 = no clipping)
     epochs: int = 1  # passes over the training samples (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs (the schedule is laid out over these)
-    batch_size: int = 64  # samples per optimizer step (METHOD.md §3: 64 MovieLens, 32 Goodreads)
+    batch_size: int = 64  # samples per optimizer step (docs/method.md §3: 64 MovieLens, 32 Goodreads)
     max_rows: int = 8192  # token budget: packed rows per micro-batch (a sample never straddles two)
     seed: int = 0  # weights (preset init), data order, random plans
     # ---- validation, logging, checkpoints ----------------------------------------------------------------
@@ -195,7 +195,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Released settings (METHOD.md §3): the global batch in samples; max_rows is only the micro-batch budget.
+# Released settings (docs/method.md §3): the global batch in samples; max_rows is only the micro-batch budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "ml-100k": dict(lr=1e-5, g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
                     batch_size=64, max_rows=16384),

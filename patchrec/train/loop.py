@@ -1,4 +1,4 @@
-"""One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (METHOD.md §3).
+"""One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (docs/method.md §3).
 
 Stages are plans (``pretrain``, ``pft-i``, ``pft-s``, ``vanilla``, ``dropout``, ``persrec``); each starts
 from a model preset (random init), a Hugging Face model directory, a ``.gguf`` file, or a previous stage's
