@@ -14,7 +14,7 @@ GGUF files load through transformers' own GGUF reader (the ``gguf`` package; wei
 requested dtype). A model read that way carries a ``quantization_config`` and refuses ``save_pretrained``, so
 its weights are copied into a plain model of the same class and config: from then on it is an ordinary model
 that saves as safetensors and reloads in plain transformers. The tokenizer and its chat template come from
-the same file.
+the same file (``patchrec.batching.hf_files.load_hf_tokenizer``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 import transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-GGUF_SUFFIX = ".gguf"
+from patchrec.batching.hf_files import gguf_parts, is_gguf
+
 # The decoder families patchrec runs exactly (model_type -> the transformers class it loads as). Their layers
 # run unchanged; only the attention function is patchrec's. Anything else is refused: loading it into another
 # family's class would drop weights silently (Qwen2's q/k/v biases, Qwen3's q/k norms).
@@ -38,18 +39,6 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",  # only without attention soft-capping (real Gemma 2 checkpoints have it)
     "gemma3_text": "Gemma3ForCausalLM",  # Gemma 3 text (1B; q/k norms, scaled embeddings, local/global RoPE)
 }
-
-
-def is_gguf(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == GGUF_SUFFIX
-
-
-def _gguf_parts(path: str | Path) -> tuple[str, str]:
-    """(directory, file name) as transformers' ``gguf_file`` loading wants them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    return str(path.parent), path.name
 
 
 def unsupported_features(config: PretrainedConfig) -> list[str]:
@@ -95,7 +84,7 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 def read_config(path: str | Path) -> PretrainedConfig:
     """The transformers config of an HF directory or a ``.gguf`` file, read offline."""
     if is_gguf(path):
-        folder, name = _gguf_parts(path)
+        folder, name = gguf_parts(path)
         return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -117,7 +106,7 @@ def load_causal_lm(
     if is_gguf(path):
         from transformers import AutoModelForCausalLM
 
-        folder, name = _gguf_parts(path)
+        folder, name = gguf_parts(path)
         read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32,
                                                     local_files_only=True)  # fmt: skip
         if type(read) is not model_class:
@@ -133,24 +122,3 @@ def load_causal_lm(
         return plain
     return model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                        attn_implementation=attn_implementation)
-
-
-def load_hf_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer of a directory or of a ``.gguf`` file (its chat template included)."""
-    from transformers import AutoTokenizer
-
-    if is_gguf(path):
-        folder, name = _gguf_parts(path)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def has_tokenizer(path: str | Path) -> bool:
-    """Whether ``path`` carries a tokenizer: a GGUF file always does, a directory when it has the files."""
-    path = Path(path)
-    if is_gguf(path):
-        return path.is_file()
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()

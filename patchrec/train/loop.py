@@ -54,13 +54,13 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+from patchrec.batching.hf_files import has_tokenizer, is_gguf
 from patchrec.batching.pack import PackedBatch, iter_batches
 from patchrec.batching.plan import Planner, evaluation_plan, make_planner
 from patchrec.batching.tokens import HISTORY_MARKERS, TokenizedDataset, load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
 from patchrec.data.synthetic import SyntheticConfig
-from patchrec.model.backbone import has_tokenizer, is_gguf
 from patchrec.model.decoder import PRESETS as MODEL_PRESETS
 from patchrec.model.decoder import PackedDecoder
 from patchrec.model.lora import (
