@@ -97,10 +97,10 @@ def _plan_rows(samples: Samples, ids: np.ndarray, planner: Planner, tokens: Toke
         chunk = ids[lo : lo + PLAN_CHUNK]
         s = packer.plan_slots(samples, chunk, planner, rng, rng.random(len(chunk)))
         part = slice(lo, lo + len(chunk))
-        rows[part] = s["rows"].reshape(-1, views).sum(axis=1)
-        lab = (s["ntok"][:, -1] + 1) if answer else np.zeros(len(s["rows"]), dtype=np.int64)
+        rows[part] = s.rows.reshape(-1, views).sum(axis=1)
+        lab = (s.ntok[:, -1] + 1) if answer else np.zeros(len(s), dtype=np.int64)
         labels[part] = lab.reshape(-1, views).sum(axis=1)
-        after[part] = s["after"].reshape(-1, views)[:, -1]
+        after[part] = s.after.reshape(-1, views)[:, -1]
     return rows, labels, after
 
 
