@@ -33,6 +33,8 @@ from patchrec.batching.pack import PackedBatch, Packer, batch_slots
 from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
+from patchrec.eval.evaluate import EvalResult, evaluate, limit_samples
+from patchrec.eval.metrics import ranking_metrics
 
 
 # ---- process group -----------------------------------------------------------------------------------------
@@ -218,13 +220,10 @@ def shard_step(
 
 # ---- evaluation --------------------------------------------------------------------------------------------
 def evaluate_sharded(model, tokens: TokenizedDataset, samples: Samples, ctx: DistContext, *,
-                     limit: int | None = None, progress: bool = True, **kwargs):  # fmt: skip
+                     limit: int | None = None, progress: bool = True, **kwargs) -> EvalResult:  # fmt: skip
     """``patchrec.eval.evaluate.evaluate`` over ``samples`` (the first ``limit``), each rank ranking a
     contiguous shard with its own full copy of ``model``; every rank returns the whole ``EvalResult`` (ranks
     in sample order, metrics over all of them). A single process is ``evaluate`` itself."""
-    from patchrec.eval.evaluate import EvalResult, evaluate, limit_samples
-    from patchrec.eval.metrics import ranking_metrics
-
     samples = limit_samples(samples, limit)
     if not ctx.active:
         return evaluate(model, tokens, samples, progress=progress, **kwargs)

@@ -209,16 +209,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def validate(
     model: PackedDecoder, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
     ctx: DistContext | None = None, mode: str | None = None, device: torch.device | None = None,
-) -> dict | None:  # fmt: skip
-    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.eval.evaluate`` is not installed.
+) -> dict[str, float]:  # fmt: skip
+    """HR/NDCG@10/20 on ``samples`` with exact ranking.
 
     Under torchrun every rank ranks a shard (a collective: all ranks call it); FSDP first gathers a full
     copy of the weights on every rank (evaluation runs a different number of forwards on each rank, which
     per-layer all-gathers would not survive)."""
-    try:
-        import patchrec.eval.evaluate  # noqa: F401
-    except ImportError:
-        return None
     ctx = ctx or DistContext()
     eval_model = gather_full_model(model, mode, device or torch.device("cpu"), all_ranks=True)
     eval_model.eval()
@@ -524,13 +520,12 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
         if val_samples is not None and step % config.val_every == 0:
             metrics = validate(model, tokens, val_samples, val_planner(config), ctx=ctx, mode=mode,
                                device=device)  # fmt: skip
-            if metrics is not None:
-                entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
-                result.val_metrics.append(entry)
-                if main:
-                    _log(log_path, entry)
-                    bar.write(f"step {step} validation: " + "  ".join(
-                        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
+            entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
+            result.val_metrics.append(entry)
+            if main:
+                _log(log_path, entry)
+                bar.write(f"step {step} validation: " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
         halted = bool(config.halt_after) and config.halt_after <= step < total_steps
         if (config.save_every and step % config.save_every == 0) or halted:
             save_step()
