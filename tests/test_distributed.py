@@ -27,8 +27,9 @@ from patchrec.model.decoder import PackedLlama
 from patchrec.train.checkpoint import latest_checkpoint
 from patchrec.train.config import preset
 from patchrec.train.distributed import balanced_bounds, even_bounds, greedy_bounds, shard_step
-from patchrec.train.loop import load_dataset, step_micro_batches, step_samples, total_steps_of, train
+from patchrec.train.loop import step_micro_batches, step_samples, total_steps_of, train
 from patchrec.train.parallel import _by_index, _by_name, param_groups
+from patchrec.train.stage_inputs import load_dataset
 
 # tests/test_train.py's small synthetic problem; 15 training samples in steps of 7 make the third step a
 # single sample, so one of two ranks has nothing to do there (it must still join the collectives).
