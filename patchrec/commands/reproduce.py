@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from patchrec.commands.options import add_run_flags
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from patchrec.reproduce_settings import EXPERIMENTS, RELEASES, SCALES
@@ -72,8 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="dry run: sustained training TFLOP/s per GPU the GPU hours assume (default 400)")
     ck.add_argument("--assume-eval-tflops", type=float, default=None,
                     help="dry run: sustained ranking TFLOP/s per GPU the GPU hours assume (default 100)")
-    ck.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ck.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(ck)
     parser.set_defaults(run=run_command)
     return parser
 
