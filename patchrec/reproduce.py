@@ -324,7 +324,7 @@ class Reproduction:
         (self.out / "reproduce_config.json").write_text(json.dumps(record, indent=1) + "\n")
 
     def run(self) -> list[RowResult]:
-        from patchrec.stats import nominal_ratio
+        from patchrec.batching.stats import nominal_ratio
 
         self.write_config()
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
