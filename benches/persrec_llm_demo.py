@@ -1,10 +1,10 @@
 """The LLM ``persrec`` plan next to PFT-I and PFT-S on the demo's synthetic data (issue 11), on CPU.
 
-The demo's pipeline (``patchrec.demo``): synthetic data -> title BPE -> a ``tiny`` Llama trained on catalog
-text (the shared backbone) -> each recommender trained from that backbone with the same optimizer steps of
-the same batch size (no patch pre-training stage for any of them, so the three differ only by their plan)
--> exact whole-catalog ranking of the same test samples. PerSRec is ranked with ``--persrec-cache on`` and
-``off`` (same ranks; the timing and the state size are recorded).
+The demo's pipeline (``patchrec.experiments.demo``): synthetic data -> title BPE -> a ``tiny`` Llama trained
+on catalog text (the shared backbone) -> each recommender trained from that backbone with the same optimizer
+steps of the same batch size (no patch pre-training stage for any of them, so the three differ only by their
+plan) -> exact whole-catalog ranking of the same test samples. PerSRec is ranked with ``--persrec-cache
+on`` and ``off`` (same ranks; the timing and the state size are recorded).
 
     python benches/persrec_llm_demo.py --out benches/results/persrec-llm-demo
 
@@ -54,8 +54,8 @@ def run(setup: Setup, work: Path, progress: bool) -> dict:
     from patchrec.data.dataset import make_samples
     from patchrec.data.release import write_release
     from patchrec.data.synthetic import item_topics
-    from patchrec.demo import DemoConfig, _synthetic
     from patchrec.eval.evaluate import evaluate
+    from patchrec.experiments.demo import DemoConfig, _synthetic
     from patchrec.model.decoder import PackedLlama
     from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
     from patchrec.train.config import TrainConfig

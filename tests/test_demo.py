@@ -10,7 +10,7 @@ import pytest
 
 from patchrec.cli import main
 from patchrec.data.release import load_release
-from patchrec.demo import DemoConfig, _synthetic, run_demo
+from patchrec.experiments.demo import DemoConfig, _synthetic, run_demo
 
 # The demo trains and ranks with the pure-PyTorch references, not the Triton interpreter.
 pytestmark = pytest.mark.usefixtures("reference_ops")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import shared_path
 
-import patchrec.reproduce as reproduce_module
-from patchrec.reproduce import Reproduction, Scale, resolve_eval_dtype
-from patchrec.reproduce_estimate import ModelSize, checkpoint_plan, save_every
-from patchrec.reproduce_settings import (
+import patchrec.experiments.reproduce as reproduce_module
+from patchrec.experiments.reproduce import Reproduction, Scale, resolve_eval_dtype
+from patchrec.experiments.reproduce_estimate import ModelSize, checkpoint_plan, save_every
+from patchrec.experiments.reproduce_settings import (
     EXPERIMENTS,
     RELEASES,
     experiment_stages,

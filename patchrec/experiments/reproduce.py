@@ -1,5 +1,5 @@
-"""``patchrec reproduce``: the paper's experiments on one backbone (``patchrec.reproduce_settings`` says what
-each experiment trains and evaluates).
+"""``patchrec reproduce``: the paper's experiments on one backbone (what each experiment trains and evaluates:
+``patchrec.experiments.reproduce_settings``).
 
 Every LLM stage of a run trains on the same samples with the same samples per optimizer step and the same
 number of steps; every LLM row is ranked with the authors' beam protocol (and exactly where the scale affords
@@ -36,7 +36,7 @@ import numpy as np
 
 from patchrec.batching.pack import history_token_counts
 from patchrec.batching.plan import make_planner
-from patchrec.reproduce_estimate import (
+from patchrec.experiments.reproduce_estimate import (
     ModelSize,
     Throughput,
     checkpoint_plan,
@@ -48,7 +48,7 @@ from patchrec.reproduce_estimate import (
     save_every,
     stage_cost,
 )
-from patchrec.reproduce_settings import (  # noqa: F401  (Scale, SCALES, released: part of this API)
+from patchrec.experiments.reproduce_settings import (  # noqa: F401  (Scale, SCALES, released: part of this API)
     BASELINES,
     SCALES,
     RowSpec,
@@ -270,8 +270,8 @@ class Reproduction:
 
         from patchrec.baselines import GRU4Rec, Popularity, SASRec, SASRecConfig
         from patchrec.baselines import TrainConfig as IDTrainConfig
+        from patchrec.baselines.run import DEFAULT_LR
         from patchrec.baselines.train import evaluate, fit
-        from patchrec.commands.baseline import DEFAULT_LR
         from patchrec.eval.metrics import rank_samples, write_results
 
         path = self.out / "baselines" / f"{name}.json"
@@ -380,7 +380,7 @@ class Reproduction:
         return [*self.chain(init), stage]
 
     def write_summary(self, rows: list[RowResult], curve: list[dict[str, Any]] | None) -> None:
-        from patchrec.reproduce_report import plot_summary, summary_table
+        from patchrec.experiments.reproduce_report import plot_summary, summary_table
 
         summary = {"settings": {**self.record, "preset_source": self.preset_source},
                    "experiments": list(self.experiments),
@@ -415,8 +415,9 @@ class Reproduction:
 
     def dry_run(self, throughput: Throughput | None = None) -> dict[str, Any]:
         """Every stage and row of the run with its samples, steps and estimated positions, FLOPs and GPU
-        hours (``patchrec.reproduce_estimate``); nothing is trained or evaluated. Writes dry_run.json/.md."""
-        from patchrec.reproduce_report import dry_run_table
+        hours (``patchrec.experiments.reproduce_estimate``); nothing is trained or evaluated. Writes
+        dry_run.json/.md."""
+        from patchrec.experiments.reproduce_report import dry_run_table
 
         throughput = throughput or Throughput()
         tokens = self.tokens()
