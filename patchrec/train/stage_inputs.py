@@ -84,11 +84,18 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
     return trained
 
 
+def subset_index(num: int, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of the seeded subset of ``size`` out of ``num`` (all when size <= 0 or >= num)."""
+    if size <= 0 or size >= num:
+        return np.arange(num)
+    return np.sort(np.random.default_rng(seed).choice(num, size, replace=False))
+
+
 def random_subset(samples: Samples, size: int, seed: int) -> Samples:
+    """The samples of ``subset_index`` (``samples`` itself when that is all of them)."""
     if size <= 0 or size >= len(samples):
         return samples
-    index = np.sort(np.random.default_rng(seed).choice(len(samples), size, replace=False))
-    return samples.select(index)
+    return samples.select(subset_index(len(samples), size, seed))
 
 
 def persrec_options(config: TrainConfig) -> dict[str, Any]:
@@ -148,4 +155,4 @@ def added_token_ids(tokenizer, tokens: TokenizedDataset) -> list[int]:
 
 __all__ = ["added_token_ids", "history_items", "load_dataset", "load_stage_model", "lora_settings",
            "persrec_options", "persrec_token_count", "random_subset", "resolve_device", "resolve_model_dir",
-           "resolve_tokenizer"]
+           "resolve_tokenizer", "subset_index"]
