@@ -111,8 +111,11 @@ def serve_config(args: argparse.Namespace):
 def llm_scorer(args: argparse.Namespace, device):
     """The LLM run's scorer, with its plan and settings resolved as ``patchrec eval`` resolves them."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from patchrec.serve.llm import LLMScorer, LLMSettings
+
+    hf_logging.disable_progress_bar()  # "Loading weights": a server's log is no terminal
 
     model_dir = resolve_model_path(args.model)
     if not (model_dir / "config.json").is_file():
