@@ -85,12 +85,15 @@ def test_batched_results_equal_each_request_alone(kind, tmp_path):
 
 
 POISON = 40  # an item id no good request uses
+SLOW = 39  # a request with it keeps the worker busy for a while, so that the next requests queue up
 
 
 def poisoned(fn):
     def wrapper(items, *args, **kwargs):
         if bool((items == POISON).any()):
             raise RuntimeError("injected failure")
+        if bool((items == SLOW).any()):
+            time.sleep(1.0)
         return fn(items, *args, **kwargs)
 
     return wrapper
@@ -116,7 +119,10 @@ def test_a_request_failing_inside_the_model_fails_alone(tmp_path):
             before = (await client.get("/metrics")).text
             asks = [{"history": h, "k": 5} for h in good] + [{"history": [1, POISON, 2], "k": 5}]
             asks += [{"users": ["g0", "g1"], "k": 5}, {"users": ["bad"], "k": 5}]
+            blocker = asyncio.ensure_future(client.post("/v1/recommend", json={"history": [SLOW], "k": 1}))
+            await asyncio.sleep(0.3)  # the worker is busy with it: the seven below queue up behind it
             answers = await asyncio.gather(*(client.post("/v1/recommend", json=b) for b in asks))
+            assert (await blocker).status_code == 200
             after = (await client.get("/metrics")).text
             states = [(await client.get(f"/v1/users/g{i}")).json()["state"] for i in range(4)]
             pairs = [(r.status_code, r.json()) for r in answers]
@@ -129,10 +135,10 @@ def test_a_request_failing_inside_the_model_fails_alone(tmp_path):
     for code, body in answers:
         if code == 500:
             assert "\n" not in body["error"] and "injected failure" in body["error"]
-    # all seven were one batch
+    # the seven were one batch (after the blocker's)
     batches = metric(after, "patchrec_batch_requests_count") - metric(before, "patchrec_batch_requests_count")
     size = metric(after, "patchrec_batch_requests_sum") - metric(before, "patchrec_batch_requests_sum")
-    assert (batches, size) == (1, 7)
+    assert (batches, size) == (2, 8)
     assert metric(after, "patchrec_state_update_failures_total") >= 1 and service.state_failures >= 1
     assert all(s is not None and s["current"] for s in states)
     # the good answers are what the same requests get from a healthy model
@@ -158,7 +164,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
 
     model_dir = make_baseline(tmp_path, "sasrec")
     scorer = baseline_scorer(model_dir)
-    scorer.model.forward = slow(scorer.model.forward, 0.15)
+    scorer.model.forward = slow(scorer.model.forward, 0.3)
     app, _ = build_app(model_dir, tmp_path / "db.sqlite", scorer=scorer, queue_size=2, batch_requests=1,
                        batch_window_ms=0)  # fmt: skip
 
@@ -172,7 +178,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
         answers, text = asyncio.run(go(url))
     busy = [r for r in answers if r.status_code == 503]
     assert len(busy) >= 1 and sum(r.status_code == 200 for r in answers) + len(busy) == 10
-    assert sum(r.status_code == 200 for r in answers) >= 3
+    assert sum(r.status_code == 200 for r in answers) >= 2  # the queue's two places, at least
     for r in busy:
         assert r.headers["retry-after"] == "1" and r.json()["error"].startswith("server busy")
     assert metric(text, "patchrec_rejected_total") == len(busy)
@@ -201,3 +207,16 @@ def test_a_request_past_its_timeout_answers_504_and_never_starts(tmp_path):
     assert slow_answer.status_code == 504 and late.status_code == 504
     assert "request_id" in late.json()["error"]
     assert user.status_code == 404  # the abandoned events request was dropped before it started
+
+
+def test_a_bug_outside_the_model_answers_500_and_the_server_goes_on(tmp_path):
+    model_dir = make_baseline(tmp_path, "sasrec")
+    app, service = build_app(model_dir, tmp_path / "db.sqlite")
+    good = service.recommend
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        service.recommend = lambda requests: 1 / 0
+        r = client.post("/v1/recommend", json={"history": [1, 2], "k": 3})
+        assert r.status_code == 500 and "\n" not in r.text
+        assert r.json() == {"error": "internal error: ZeroDivisionError: division by zero", "field": None}
+        service.recommend = good
+        assert client.post("/v1/recommend", json={"history": [1, 2], "k": 3}).status_code == 200

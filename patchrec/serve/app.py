@@ -124,7 +124,7 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
         batcher = Batcher(
             lambda jobs: handle(jobs, executor), window_s=config.batch_window_ms / 1000,
             max_rows=config.batch_rows, max_jobs=config.batch_requests, queue_size=config.queue_size,
-            on_depth=metrics.queue_depth.set,
+            on_depth=metrics.queue_depth.set, active=lambda: wrapped.in_flight,
         )  # fmt: skip
         runtime.update(batcher=batcher, executor=executor)
         batcher.start()
@@ -177,8 +177,11 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
             metrics.timeouts.inc()
             raise ApiError(504, None, f"no answer within {config.timeout_s:g} s (an events request may still "
                            "have been stored: retry it with the same request_id)") from None
-        if isinstance(out, Exception):
+        if isinstance(out, (ApiError, UnknownUser, ModelError, RequestIdConflict)):
             raise out
+        if isinstance(out, Exception):
+            # answered here, not by the server's last-resort handler (which also closes the connection)
+            raise ApiError(500, None, f"internal error: {type(out).__name__}: {out}")
         return out
 
     app = FastAPI(title="patchrec serve", version="1", lifespan=lifespan,
@@ -213,6 +216,11 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
     @app.exception_handler(ModelError)
     async def model_error(request, exc: ModelError):
         return JSONResponse(error_body(str(exc), None), 500)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", None), 500)
 
     @app.exception_handler(RequestIdConflict)
     async def conflict(request, exc: RequestIdConflict):

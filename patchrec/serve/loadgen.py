@@ -73,7 +73,6 @@ async def run_load(url: str, num_items: int, config: LoadConfig, *, token: str |
     latencies: dict[str, list[float]] = {"events": [], "recommend": []}
     errors: dict[str, int] = {}
     ok = 0
-    limits = httpx.Limits(max_connections=config.clients + 4, max_keepalive_connections=config.clients + 4)
 
     async def post(client, path, body) -> int:
         try:
@@ -87,21 +86,29 @@ async def run_load(url: str, num_items: int, config: LoadConfig, *, token: str |
             acked[body["user"]].extend(body["items"])
         return r.status_code
 
-    session = httpx.AsyncClient(base_url=url, headers=headers, timeout=config.timeout_s, limits=limits)
-    async with session as client:
+    # One HTTP client with one connection per simulated client, as independent users would have: a single
+    # client shared by 32 coroutines spent most of the time in its own connection pool (measured: p99 2.4 s
+    # on the client for 50 ms on the server), so it measured httpx rather than the server.
+    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    sessions = [httpx.AsyncClient(base_url=url, headers=headers, timeout=config.timeout_s, limits=one)
+                for _ in range(config.clients)]  # fmt: skip
+    try:
         users = {c: [f"{user_prefix}-c{c}-u{j}" for j in range(config.users_per_client)]
                  for c in range(config.clients)}  # fmt: skip
         setup_rng = np.random.default_rng(config.seed)
-        for c in users:
-            for u in users[c]:
-                acked[u] = []
         owned = [u for c in users for u in users[c]]
         warm = {u: setup_rng.integers(0, num_items, config.warm_items).tolist() for u in owned}
-        await asyncio.gather(*(post(client, "/v1/events", {"user": u, "items": items})
-                               for u, items in warm.items()))  # fmt: skip
+        acked.update({u: [] for u in warm})
+        await asyncio.gather(*(post(sessions[c], "/v1/events", {"user": u, "items": warm[u]})
+                               for c in users for u in users[c]))  # fmt: skip
+        # one recommendation per user: its batch runs after the warm events' state upkeep, so the timed phase
+        # starts with every state built
+        await asyncio.gather(*(post(sessions[c], "/v1/recommend", {"users": [u], "k": config.k})
+                               for c in users for u in users[c]))  # fmt: skip
 
         async def one_client(c: int) -> None:
             nonlocal ok
+            client = sessions[c]
             rng = np.random.default_rng([config.seed, c])
             for _ in range(config.requests):
                 user = users[c][int(rng.integers(0, len(users[c])))]
@@ -120,6 +127,9 @@ async def run_load(url: str, num_items: int, config: LoadConfig, *, token: str |
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in users))
         seconds = time.perf_counter() - start
+    finally:
+        for session in sessions:
+            await session.aclose()
     return LoadResult(config.clients * config.requests, ok, errors, seconds, latencies, acked)
 
 

@@ -91,16 +91,20 @@ class BearerAuth:
 
 
 class RequestMetrics:
-    """Counts and times every HTTP request by route template (``/v1/users/{user_id}``) and status."""
+    """Counts and times every HTTP request by route template (``/v1/users/{user_id}``) and status; also
+    keeps ``in_flight``, the ``/v1/`` requests being handled now (the batcher's cue to wait for more)."""
 
     def __init__(self, app, metrics: ServeMetrics) -> None:
         self.app, self.metrics = app, metrics
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500
+        api = scope["path"].startswith("/v1/")
+        self.in_flight += api
 
         async def record(message):
             nonlocal status
@@ -111,6 +115,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, record)
         finally:
+            self.in_flight -= api
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(route, status, time.perf_counter() - start)
 

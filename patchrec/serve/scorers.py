@@ -247,4 +247,10 @@ class PersrecScorer:
         return out
 
 
-__all__ = ["PersrecScorer", "PopularityScorer", "Query", "Scored", "Scorer", "SequenceScorer"]
+def warm_up(scorer: Scorer) -> None:
+    """Score one tiny history (nothing stored): the first forward of a process pays for lazy initialisation
+    (seconds on a CPU), which would otherwise land on the first request."""
+    scorer.score([Query(np.zeros(1, dtype=np.int64))])
+
+
+__all__ = ["PersrecScorer", "PopularityScorer", "Query", "Scored", "Scorer", "SequenceScorer", "warm_up"]

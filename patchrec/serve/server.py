@@ -13,9 +13,11 @@ import uvicorn
 
 from patchrec.serve.app import create_app
 from patchrec.serve.config import ServeConfig, read_token
-from patchrec.serve.scorers import Scorer
+from patchrec.serve.scorers import Scorer, warm_up
 from patchrec.serve.service import Service
 from patchrec.serve.storage import SQLiteStorage
+
+KEEP_ALIVE_S = 75
 
 
 def open_storage(config: ServeConfig, model_dir: Path, scorer: Scorer) -> SQLiteStorage:
@@ -33,8 +35,12 @@ def open_storage(config: ServeConfig, model_dir: Path, scorer: Scorer) -> SQLite
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio switches Nagle's algorithm off (TCP_NODELAY) only on sockets that say
+    # they are TCP, and a response written in two parts (headers, body) otherwise waits ~40 ms for the
+    # client's delayed ACK on every request after a connection's first
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as err:
@@ -48,6 +54,7 @@ def serve(scorer: Scorer, config: ServeConfig, model_dir: Path, *, log_level: st
     """Serve ``scorer`` until a signal; returns the exit code (0 after a graceful drain)."""
     token = read_token(config.token_file) if config.token_file else None
     storage = open_storage(config, model_dir, scorer)
+    warm_up(scorer)
     reader = storage.reader()
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
@@ -61,6 +68,9 @@ def serve(scorer: Scorer, config: ServeConfig, model_dir: Path, *, log_level: st
     server = uvicorn.Server(uvicorn.Config(
         app, log_level=log_level, access_log=False, lifespan="on",
         timeout_graceful_shutdown=int(config.drain_s),
+        # idle keep-alive connections are closed after this; uvicorn's 5 s races with clients that reuse a
+        # connection just as it is closed (a failed read on their side): 75 s as common proxies use
+        timeout_keep_alive=KEEP_ALIVE_S,
     ))  # fmt: skip
     # uvicorn re-raises the signal that stopped it once it has drained; it then lands here instead of
     # killing the process, so a graceful stop exits 0.
