@@ -1,4 +1,4 @@
-"""Whole-catalog evaluation of a ``PackedLlama`` on the packed path (METHOD.md §5).
+"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (docs/method.md §5).
 
 Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchrec.batching.pack import iter_batches
+from patchrec.batching.pack import Packer, iter_batches
 from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
 from patchrec.eval.beam import BeamProtocol, TitleTrie, beam_search, get_protocol
 from patchrec.eval.exact import CatalogTitles, score_titles
 from patchrec.eval.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
+from patchrec.persrec.llm import state_rows
 
 RANKINGS = ("exact", "beam")
 # Samples per rank_samples call: bounds the [B, N] score matrix; the packer still batches by max_rows.
@@ -99,20 +100,26 @@ def persrec_state_stats(
     """Size of the per-sample PerSRec state the ``on`` cache keeps (keys + values of every layer, in the
     model's dtype): mean rows and bytes per sample, also without the prompt prefix (the same for every user,
     so it could be stored once)."""
-    from patchrec.batching.pack import Packer
-    from patchrec.persrec.llm import state_rows
-
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dtype = next(model.parameters()).dtype
     row_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     prefix = Packer(tokens).head_len
-    rows = state_rows(prefix, samples.history_lengths, planner.segment, planner.tokens)
-    mean_rows = float(rows.mean()) if len(rows) else 0.0
-    return {"persrec_segment": planner.segment, "persrec_tokens": planner.tokens, "persrec_old": planner.old,
-            "persrec_state_rows_mean": mean_rows, "persrec_state_bytes_per_sample": mean_rows * row_bytes,
-            "persrec_token_state_bytes_per_sample": (mean_rows - prefix) * row_bytes,
-            "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
+    layout = planner.persrec
+    options = {"persrec_segment": planner.segment, "persrec_tokens": planner.tokens,
+               "persrec_old": planner.old, "persrec_layout": layout.layout, "persrec_window": layout.window,
+               "persrec_recent": layout.recent}  # fmt: skip
+    if layout.layout == "rolling":
+        # The state is the memory: k vectors of the model's width (the prompt's own rows are recomputed).
+        memory = float(planner.tokens * config.hidden_size * dtype.itemsize)
+        return options | {"persrec_state_rows_mean": 0.0, "persrec_state_bytes_per_sample": memory,
+                          "persrec_token_state_bytes_per_sample": memory,
+                          "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
+    rows = state_rows(prefix, samples.history_lengths, layout)
+    mean = float(rows.mean()) if len(rows) else 0.0
+    return options | {"persrec_state_rows_mean": mean, "persrec_state_bytes_per_sample": mean * row_bytes,
+                      "persrec_token_state_bytes_per_sample": (mean - prefix) * row_bytes,
+                      "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
 
 
 def rank_in_returned(
