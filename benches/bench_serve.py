@@ -4,14 +4,15 @@
 One command (it makes what it needs: a SASRec + PerSRec directory with random weights, which do not change
 the cost, and ``patchrec demo --quick`` unless ``--demo DIR`` points at a finished demo)::
 
-    python benches/bench_serve.py --out benches/results/serve-cpu.json
+    python benches/bench_serve.py --out benches/results/serve-cpu
 
 Every point is a fresh server process (``python -m patchrec serve``, one torch thread) on 127.0.0.1 and the
 closed-loop clients of ``patchrec.serve.loadgen`` (half events, half recommendations, seeded), in the same
 process as this script: client and server share the machine's cores. Rounds interleave batching off and on
 for each model, so both see the same background load; the load average is recorded before and after every
 point. Every point also checks that each acknowledged event was stored exactly once and that no request
-failed. ``summary`` in the JSON gives the median (and min / max) over rounds of each point.
+failed. ``--out DIR`` gets ``serve.json`` (the command, the settings and every point) and ``summary.md``
+(``patchrec.reports.serve_tables``: medians over rounds, and on / off ratios measured in the same round).
 
 ``pytest benches/bench_serve.py`` runs the full load test instead: 32 clients x 50 requests on SASRec +
 PerSRec, no errors, every acknowledged event stored exactly once.
@@ -34,11 +35,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from patchrec.baselines import SASRec, SASRecConfig
 from patchrec.baselines.checkpoint import save_baseline
+from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
 from patchrec.serve.loadgen import LoadConfig, run_load
 
 SASREC_ITEMS = 3706  # ML-1M's catalog
@@ -127,43 +128,10 @@ def run_point(server: Server, num_items: int, clients: int, total: int, warm: in
     return point
 
 
-def summarise(points: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for p in points:
-        groups.setdefault((p["model"], p["batching"], p["clients"]), []).append(p)
-    out = []
-    for (model, batching, clients), ps in groups.items():
-        row = {"model": model, "batching": batching, "clients": clients, "rounds": len(ps),
-               "errors": sum(sum(p["errors"].values()) for p in ps),
-               "exactly_once": all(p["exactly_once"] for p in ps)}  # fmt: skip
-        for key, values in (("requests_per_s", [p["requests_per_s"] for p in ps]),
-                            ("p50_ms", [p["p50_ms"] for p in ps]), ("p99_ms", [p["p99_ms"] for p in ps]),
-                            ("recommend_p50_ms", [p["recommend"]["p50_ms"] for p in ps]),
-                            ("recommend_p99_ms", [p["recommend"]["p99_ms"] for p in ps]),
-                            ("mean_batch_requests", [p["mean_batch_requests"] for p in ps])):  # fmt: skip
-            row[key] = {"median": float(np.median(values)), "min": float(min(values)),
-                        "max": float(max(values))}  # fmt: skip
-        out.append(row)
-    return out
-
-
-def markdown(summary: list[dict]) -> str:
-    lines = ["| model | clients | batching | req/s (min-max) | p50 ms | p99 ms | recommend p50 / p99 ms | "
-             "requests per batch |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(summary, key=lambda r: (r["model"], r["clients"], r["batching"])):
-        m = {k: v["median"] for k, v in r.items() if isinstance(v, dict)}
-        rps = r["requests_per_s"]
-        lines.append(f"| {r['model']} | {r['clients']} | {r['batching']} | {m['requests_per_s']:.1f} "
-                     f"({rps['min']:.1f}-{rps['max']:.1f}) | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
-                     f"{m['recommend_p50_ms']:.1f} / {m['recommend_p99_ms']:.1f} | "
-                     f"{m['mean_batch_requests']:.2f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", required=True, help="results JSON (a .md table is written beside it)")
+    parser.add_argument("--out", required=True, help="result directory (serve.json, summary.md)")
     parser.add_argument("--demo", default=None,
                         help="a finished `patchrec demo --out DIR` (default: run the --quick demo)")
     parser.add_argument("--work", default=None, help="where models and databases go (default: a temp dir)")
@@ -202,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"load {point['loadavg_before'][0]:.1f}", flush=True)  # fmt: skip
                     finally:
                         server.stop()
-    summary = summarise(points)
+    summary = serve_summary(points)
     result = {
         "command": "python benches/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -216,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         "startup_seconds": startup, "seconds": time.time() - started, "summary": summary, "points": points,
     }  # fmt: skip
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(summary))
-    print(markdown(summary))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1) + "\n")
+    tables = serve_table(summary) + "\n" + serve_ratios(points)
+    (out / "summary.md").write_text(tables)
+    print(tables)
     return 0
 
 

@@ -21,14 +21,23 @@ from patchrec.data.dataset import make_samples
 from patchrec.data.release import write_release
 from patchrec.eval.evaluate import exact_item_scores
 from patchrec.eval.exact import CatalogTitles
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedDecoder
 
 httpx = pytest.importorskip("httpx")
 
 pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
 
-MAX_ITEMS, K, G, SEGMENT, TOKENS = 12, 2, 3, 3, 2
-PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
+MAX_ITEMS, K, G, SEGMENT, TOKENS, WINDOW, RECENT = 12, 2, 3, 3, 2, 6, 3
+# run name -> (training stage, persrec layout options in its train_config.json)
+RUNS = {
+    "vanilla": ("vanilla", {}),
+    "pft-i": ("pft-i", {}),
+    "pft-s": ("pft-s", {}),
+    "persrec": ("persrec", {"persrec_layout": "segments"}),
+    "persrec-window": ("persrec", {"persrec_layout": "window", "persrec_window": WINDOW,
+                                   "persrec_recent": RECENT, "max_items": WINDOW + RECENT}),
+    "persrec-rolling": ("persrec", {"persrec_layout": "rolling"}),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +48,18 @@ def runs(tmp_path_factory):
     dataset = tiny_dataset(seed=3, num_users=9, max_len=30)
     write_release(dataset, root / "data")
     out = {}
-    for plan in PLANS:
+    for name, (stage, layout) in RUNS.items():
         tok = load_tokenizer(tok_dir)
-        tokens = tokenize_dataset(tok, dataset, persrec_tokens=TOKENS if plan == "persrec" else 0)
-        model = PackedLlama.from_preset("tiny", tokens.vocab_size, seed=4)
-        run = root / plan
+        tokens = tokenize_dataset(tok, dataset, persrec_tokens=TOKENS if stage == "persrec" else 0)
+        model = PackedDecoder.from_preset("tiny", tokens.vocab_size, seed=4)
+        run = root / name
         model.save_pretrained(run / "model")
         tok.save_pretrained(str(run / "model"))
-        saved = {"stage": plan, "k": K, "g": G, "max_items": MAX_ITEMS, "persrec_tokens": TOKENS,
+        saved = {"stage": stage, "k": K, "g": G, "max_items": MAX_ITEMS, "persrec_tokens": TOKENS,
                  "persrec_segment": SEGMENT, "persrec_old": "item", "val_plan": None,
-                 "data": str(root / "data")}  # fmt: skip
+                 "data": str(root / "data"), **layout}  # fmt: skip
         (run / "train_config.json").write_text(json.dumps(saved))
-        out[plan] = (run, model.eval(), tokens)
+        out[name] = (run, model.eval(), tokens)
     return dataset, out
 
 
@@ -60,30 +69,43 @@ def serve_args(*argv: str):
     return build_parser().parse_args(["serve", *argv])
 
 
-def reference(dataset, model, tokens, plan: str, index: np.ndarray, cache: str = "on") -> torch.Tensor:
+def reference(dataset, model, tokens, name: str, index: np.ndarray, cache: str = "on") -> torch.Tensor:
     """``patchrec eval``'s exact scores of test samples (every title is one item here: no duplicates)."""
-    samples = make_samples(dataset, "test", MAX_ITEMS)
-    planner = make_planner(plan, k=K, g=G, segment=SEGMENT, tokens=TOKENS)
+    samples = make_samples(dataset, "test", max_items_of(dataset, name))
+    stage, layout = RUNS[name]
+    options = {key.removeprefix("persrec_"): v for key, v in layout.items() if key.startswith("persrec_")}
+    planner = make_planner(stage, k=K, g=G, segment=SEGMENT, tokens=TOKENS, **options)
     catalog = CatalogTitles.from_table(tokens.titles)
     with torch.inference_mode():
         return exact_item_scores(model, tokens, samples, index, catalog, planner=planner, max_rows=4096,
                                  persrec_cache=cache)  # fmt: skip
 
 
-@pytest.mark.parametrize("plan", PLANS)
-def test_llm_plans_serve_eval_scores(runs, plan, tmp_path):
+def max_items_of(dataset, name: str) -> int:
+    """History items read: L (window: P + R), or the whole timeline (rolling), as patchrec eval reads."""
+    if name == "persrec-rolling":
+        return int(np.diff(dataset.user_offsets).max())
+    return RUNS[name][1].get("max_items", MAX_ITEMS)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_llm_plans_serve_eval_scores(runs, name, tmp_path):
     from patchrec.commands.serve import llm_scorer
 
     dataset, by_plan = runs
-    run, model, tokens = by_plan[plan]
+    run, model, tokens = by_plan[name]
     scorer, model_dir = llm_scorer(serve_args("--model", str(run)), torch.device("cpu"))
-    assert scorer.describe()["plan"] == plan and scorer.settings.max_items == MAX_ITEMS
-    samples = make_samples(dataset, "test", MAX_ITEMS)
+    stage, layout = RUNS[name]
+    described = scorer.describe()
+    assert described["plan"] == stage
+    assert scorer.settings.max_items == RUNS[name][1].get("max_items", MAX_ITEMS)
+    assert described.get("persrec", {}).get("layout") == layout.get("persrec_layout")
+    samples = make_samples(dataset, "test", max_items_of(dataset, name))
     index = np.arange(min(len(samples), 4))
     assert len(index) >= 3
-    want = reference(dataset, model, tokens, plan, index)
-    if plan == "persrec":  # the state path equals the whole prompt
-        torch.testing.assert_close(want, reference(dataset, model, tokens, plan, index, "off"), rtol=1e-4,
+    want = reference(dataset, model, tokens, name, index)
+    if stage == "persrec":  # the state path equals the whole prompt
+        torch.testing.assert_close(want, reference(dataset, model, tokens, name, index, "off"), rtol=1e-4,
                                    atol=1e-4)  # fmt: skip
     # the users' whole histories before the targets (some longer than L: the server reads the newest L items,
     # as the samples do)
@@ -110,7 +132,7 @@ def test_llm_plans_serve_eval_scores(runs, plan, tmp_path):
     for row, got in enumerate(together[:n]):
         (result,) = got["results"]
         order = sorted(range(dataset.num_items), key=lambda i: (-float(want[row, i]), i))[:5]
-        assert result["items"] == order, (plan, row)
+        assert result["items"] == order, (name, row)
         np.testing.assert_allclose(result["scores"], want[row, order].numpy(), rtol=1e-5, atol=1e-4)
         assert result["titles"] == [dataset.titles[i] for i in order]
         assert together[n + row]["results"][0]["items"] == order  # a stored user = the inline history

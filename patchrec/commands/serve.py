@@ -24,7 +24,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from patchrec.commands.eval import find_train_config, resolve_model_path, resolve_settings
+from patchrec.commands.eval import (
+    FALLBACK,
+    PERSREC_OPTIONS,
+    find_train_config,
+    resolve_model_path,
+    resolve_settings,
+)
 
 DEFAULTS_NOTE = "(default %(default)s)"
 
@@ -121,9 +127,11 @@ def llm_scorer(args: argparse.Namespace, device):
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: neither a patchrec baseline directory nor an LLM "
                                 f"model (no config.json in {model_dir})")  # fmt: skip
-    given = argparse.Namespace(plan=None, k=None, g=None, max_items=None, persrec_tokens=None,
-                               persrec_segment=None, persrec_old=None, force=False)  # fmt: skip
+    # no overrides: the run's settings (or eval's fallbacks), as `patchrec eval` with no flags resolves them
+    given = argparse.Namespace(plan=None, k=None, g=None, max_items=None, force=False,
+                               **dict.fromkeys(PERSREC_OPTIONS))  # fmt: skip
     settings, _ = resolve_settings(given, model_dir)
+    persrec = {name: settings.get(name, FALLBACK[name]) for name in PERSREC_OPTIONS}
     data = args.data
     if data is None:
         path = find_train_config(model_dir)
@@ -132,10 +140,9 @@ def llm_scorer(args: argparse.Namespace, device):
             raise ValueError(f"--model {args.model}: no train_config.json with 'data' found: pass --data")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     llm = LLMSettings(
-        plan=settings["plan"], max_items=settings["max_items"], k=settings["k"], g=settings["g"],
-        persrec_tokens=settings.get("persrec_tokens", 4), persrec_segment=settings.get("persrec_segment", 20),
-        persrec_old=settings.get("persrec_old", "item"), ranking=args.ranking, protocol=args.protocol,
-        beams=args.beams, groups=args.groups, diversity=args.diversity, max_rows=args.max_rows,
+        plan=settings["plan"], max_items=settings["max_items"], k=settings["k"], g=settings["g"], **persrec,
+        ranking=args.ranking, protocol=args.protocol, beams=args.beams, groups=args.groups,
+        diversity=args.diversity, max_rows=args.max_rows,
     )  # fmt: skip
     scorer = LLMScorer(model_dir, data, llm, tokenizer=args.tokenizer, device=device,
                        dtype=getattr(torch, dtype_name))  # fmt: skip

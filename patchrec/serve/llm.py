@@ -32,7 +32,7 @@ from patchrec.data.source import load_data
 from patchrec.eval.beam import TitleTrie, beam_search, get_protocol
 from patchrec.eval.evaluate import exact_item_scores
 from patchrec.eval.exact import CatalogTitles
-from patchrec.model.llama import PackedLlama
+from patchrec.model.lora import load_model
 from patchrec.serve.loading import file_sha256, fingerprint
 from patchrec.serve.scorers import Query, Scored
 from patchrec.serve.storage import StateRow
@@ -50,6 +50,9 @@ class LLMSettings:
     persrec_tokens: int = 4  # persrec: personalization tokens per old segment
     persrec_segment: int = 20  # persrec: items per old segment
     persrec_old: str = "item"  # persrec: old items as item patches or text
+    persrec_layout: str = "segments"  # persrec: segments, window or rolling (the whole timeline is read)
+    persrec_window: int = 0  # persrec window layout: P
+    persrec_recent: int = 0  # persrec window layout: R
     ranking: str = "exact"  # exact (every title's log-likelihood) or beam (constrained beam search)
     protocol: str = "authors"  # beam: authors or clean (patchrec.eval.beam)
     beams: int = 20  # beam: titles returned (the most a request's k can be)
@@ -85,13 +88,18 @@ class LLMScorer:
         persrec_tokens = settings.persrec_tokens if settings.plan == "persrec" else 0
         self.tokens = tokenize_dataset(load_tokenizer(tokenizer or model_dir), self.dataset,
                                        persrec_tokens=persrec_tokens)  # fmt: skip
-        self.model = PackedLlama.from_pretrained(model_dir, vocab_size=self.tokens.vocab_size, dtype=dtype)
+        # a LoRA adapter directory loads its base and the adapter, merged (as patchrec eval does)
+        self.model = load_model(model_dir, vocab_size=self.tokens.vocab_size, dtype=dtype, merge=True)
         self.model = self.model.to(device).eval()
         if self.model.lm.get_input_embeddings().num_embeddings < self.tokens.vocab_size:
             raise ValueError(f"--model {model_dir}: its embedding table is smaller than the vocabulary")
         self.planner = make_planner(settings.plan, k=settings.k, g=settings.g,
                                     segment=settings.persrec_segment, tokens=settings.persrec_tokens,
-                                    old=settings.persrec_old)  # fmt: skip
+                                    old=settings.persrec_old, layout=settings.persrec_layout,
+                                    window=settings.persrec_window,
+                                    recent=settings.persrec_recent)  # fmt: skip
+        # the rolling layout reads a user's whole timeline (as patchrec eval does); the others the newest L
+        self.rolling = settings.plan == "persrec" and settings.persrec_layout == "rolling"
         self.catalog = CatalogTitles.from_table(self.tokens.titles)
         self.trie = TitleTrie(self.catalog, self.tokens.prompt.eot) if settings.ranking == "beam" else None
         self.num_items = self.dataset.num_items
@@ -104,7 +112,7 @@ class LLMScorer:
         self.fingerprint = fingerprint(weights[0], config) if weights else "unhashed"
 
     def rows(self, length: int) -> int:
-        return min(length, self.settings.max_items)
+        return length if self.rolling else min(length, self.settings.max_items)
 
     def _samples(self, histories: list[np.ndarray]) -> Samples:
         """The histories as samples of an in-memory dataset: history b, then placeholder target item 0."""
@@ -118,12 +126,13 @@ class LLMScorer:
         dataset = dataclasses.replace(self.dataset, name="serve", items=items, user_offsets=offsets,
                                       user_ids=np.arange(users, dtype=np.int64),
                                       splits={"train": none, "val": none, "test": test})  # fmt: skip
-        return Samples(dataset, "test", self.settings.max_items, np.arange(users, dtype=np.int32),
-                       offsets[:-1].copy(), offsets[:-1] + lengths)  # fmt: skip
+        max_items = int(lengths.max()) if self.rolling else self.settings.max_items
+        return Samples(dataset, "test", max_items, np.arange(users, dtype=np.int32), offsets[:-1].copy(),
+                       offsets[:-1] + lengths)  # fmt: skip
 
     def score(self, queries: list[Query]) -> list[Scored]:
         s = self.settings
-        samples = self._samples([q.history[-s.max_items :] for q in queries])
+        samples = self._samples([q.history if self.rolling else q.history[-s.max_items :] for q in queries])
         index = np.arange(len(queries))
         with torch.inference_mode():
             if s.ranking == "exact":
@@ -154,8 +163,13 @@ class LLMScorer:
         if s.plan == "pft-s":
             out["g"] = s.g
         if s.plan == "persrec":
-            out["persrec"] = {"tokens": s.persrec_tokens, "segment": s.persrec_segment, "old": s.persrec_old,
+            out["persrec"] = {"layout": s.persrec_layout, "tokens": s.persrec_tokens,
+                              "segment": s.persrec_segment, "old": s.persrec_old,
                               "state": "rebuilt for every request"}  # fmt: skip
+            if s.persrec_layout == "window":
+                out["persrec"].update(window=s.persrec_window, recent=s.persrec_recent)
+            if self.rolling:
+                out["history_items"] = None
         if s.ranking == "beam":
             out.update(beams=s.beams, groups=s.groups, diversity=s.diversity, protocol=s.protocol)
         return out
