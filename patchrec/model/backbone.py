@@ -82,6 +82,8 @@ def read_gguf(path: str | Path, read: Callable[[str, str], T]) -> T:
     folder, name = _gguf_parts(path)
     try:
         return read(folder, name)
+    except ImportError:
+        raise  # a missing package (gguf, or one it needs): the environment's problem, not the file's
     except Exception as exc:  # noqa: BLE001 - many error types, all meaning "this file does not read"
         first = (str(exc).splitlines() or [""])[0][:200]
         raise ValueError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {first})") from exc
