@@ -24,7 +24,7 @@ if not (DATA.exists() and TOKENIZER.exists()):
     pytest.skip(f"{SHARED} (ML-100K release, Llama-3 tokenizer) not available", allow_module_level=True)
 
 from patchrec.batching.plan import make_planner  # noqa: E402
-from patchrec.model.llama import PackedLlama  # noqa: E402
+from patchrec.model.decoder import PackedLlama  # noqa: E402
 
 USERS, LENGTH, GROUP_SIZE, BEAMS = 2, 100, 20, 20
 PLAN = "pft-s"

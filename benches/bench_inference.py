@@ -39,7 +39,7 @@ if not (DATA.exists() and TOKENIZER.exists()):
 from patchrec.batching.pack import pack_batch  # noqa: E402
 from patchrec.batching.plan import make_planner  # noqa: E402
 from patchrec.data.dataset import Samples  # noqa: E402
-from patchrec.model.llama import PackedLlama  # noqa: E402
+from patchrec.model.decoder import PackedLlama  # noqa: E402
 
 USERS = 2 if HAS_CUDA else 1
 MIN_INTERACTIONS = 500

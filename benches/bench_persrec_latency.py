@@ -46,7 +46,7 @@ def _rounds(n: int) -> int:
 def llm_setup():
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedLlama
 
     base = load_release(DATA)
     tokens = tokenize_dataset(load_tokenizer(TOKENIZER), base, persrec_tokens=TOKENS)

@@ -49,7 +49,7 @@ if not (DATA.exists() and TOKENIZER.exists()):
 
 from patchrec.batching.pack import pack_batch  # noqa: E402
 from patchrec.batching.plan import make_planner  # noqa: E402
-from patchrec.model.llama import PackedLlama  # noqa: E402
+from patchrec.model.decoder import PackedLlama  # noqa: E402
 from patchrec_kernels.patch_embed import token_scale  # noqa: E402
 
 BATCH = int(os.environ.get("PATCHREC_BENCH_BATCH", 16 if HAS_CUDA else 4))

@@ -1,11 +1,20 @@
-"""The PerSRec table of issue 11 on the ID models: SASRec and HSTU on ML-100K / ML-1M with the full history
-(latest L items), with PerSRec (old segments of S items -> K tokens each, cached state) and truncated to the
-recent S items; HR/NDCG@10/20, train time, per-user inference latency (batch 1) and state size.
+"""PerSRec on the ID models with long histories: SASRec and HSTU on ML-1M, each in four variants, several
+seeds, the same training budget in epochs for every run.
 
-Every run is ``patchrec baseline ...`` in its own directory; a finished run (results.json present) is
-skipped, so re-running the same command resumes. Then ``summary.json`` / ``summary.md`` are written.
+- ``full``: the latest L = 400 items (plain causal attention);
+- ``window``: the PerSRec paper's layout, the newest R = 50 items plus one old window of P = 350 items
+  compressed into k = 4 tokens (the same 400 items of history);
+- ``rolling``: the bounded layout, the user's whole timeline in segments of N = 50 items carried by a k = 4
+  vector memory (every item of the history, however long);
+- ``recent``: the latest 50 items only.
 
-    python benches/persrec_id_table.py --data-root ../shared/data/patchrec --out benches/results/persrec-id
+Every run is ``patchrec baseline ...`` in ``runs/<model>-<variant>-seed<s>/`` (results.json with per-sample
+ranks, config.json, model.safetensors, and its log beside it); a finished run is skipped, so re-running the
+same command resumes. ``summary.json`` / ``summary.md`` hold per-variant means and seed spreads, and paired
+differences between variants (per-sample metrics averaged over seeds, bootstrap over test samples).
+
+    python benches/persrec_id_table.py --data ../shared/data/patchrec/ml-1m \\
+        --out benches/results/persrec-id-ml1m --epochs 8 --jobs 2
 """
 
 from __future__ import annotations
@@ -14,64 +23,89 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
+from patchrec.eval.paired import paired_difference, seed_mean
+
 VARIANTS = {
-    # name: (history items read, PerSRec flags)
-    "full": ("L", []),
-    "persrec": ("L", ["--persrec-tokens", "{k}", "--persrec-segment", "{s}", "--persrec-cache", "on"]),
-    "recent only": ("S", []),
-}
+    "full": ["--max-items", "{history}"],
+    "window": ["--persrec-tokens", "{k}", "--persrec-layout", "window", "--persrec-window", "{window}",
+               "--persrec-recent", "{recent}"],
+    "rolling": ["--persrec-tokens", "{k}", "--persrec-layout", "rolling", "--persrec-segment", "{segment}"],
+    "recent": ["--max-items", "{recent}"],
+}  # fmt: skip
+METRICS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
+# (a, b) rows compared sample by sample
+PAIRS = [("window", "full"), ("rolling", "full"), ("recent", "full"), ("window", "recent"),
+         ("rolling", "recent"), ("rolling", "window")]  # fmt: skip
 
 
-def run_one(args, dataset: str, model: str, variant: str, out: Path) -> dict:
-    items, flags = VARIANTS[variant]
-    max_items = args.max_items if items == "L" else args.segment
-    flags = [f.format(k=args.tokens, s=args.segment) for f in flags]
+def command(args, model: str, variant: str, seed: int, out: Path) -> list[str]:
+    fill = dict(history=args.window + args.recent, k=args.tokens, window=args.window, recent=args.recent,
+                segment=args.segment)  # fmt: skip
+    flags = [f.format(**fill) for f in VARIANTS[variant]]
+    return [
+        sys.executable, "-m", "patchrec", "baseline", model, "--data", args.data,
+        "--epochs", str(args.epochs), "--patience", str(args.epochs), "--eval-every", str(args.eval_every),
+        "--batch-size", str(args.batch_size), "--threads", "1", "--seed", str(seed), "--no-progress",
+        "--out", str(out), *flags,
+    ]  # fmt: skip
+
+
+def run_one(args, model: str, variant: str, seed: int) -> Path:
+    out = Path(args.out) / "runs" / f"{model}-{variant}-seed{seed}"
     if not (out / "results.json").exists():
-        cmd = [
-            sys.executable, "-m", "patchrec", "baseline", model,
-            "--data", str(Path(args.data_root) / dataset),
-            "--max-items", str(max_items), "--max-minutes", str(args.minutes[dataset]), "--patience",
-            str(args.patience), "--latency-samples", str(args.latency_samples), "--no-progress",
-            "--batch-size", str(args.batch_size[dataset]), "--threads", str(args.threads),
-            "--out", str(out), *flags,
-        ]  # fmt: skip
+        cmd = command(args, model, variant, seed, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         print(" ".join(cmd), flush=True)
         with open(out.parent / f"{out.name}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    result = json.loads((out / "results.json").read_text())
-    lat = result["latency"]
-    return {
-        "dataset": dataset,
-        "model": model,
-        "variant": variant,
-        "max_items": max_items,
-        **{k: result["metrics"][k] for k in ("HR@10", "HR@20", "NDCG@10", "NDCG@20")},
-        "train_s": result["training"]["seconds"],
-        "epochs": result["training"]["epochs_run"],
-        "best_epoch": result["training"]["best_epoch"],
-        "ms_per_user_median": lat["ms_per_user_median"],
-        "ms_per_user_min": lat["ms_per_user_min"],
-        "history_items_mean": lat["history_items_mean"],
-        "state_bytes_mean": lat.get("state_bytes_mean"),
-        "num_samples": result["num_samples"],
-    }
+    return out
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| dataset | model | variant | L | HR@10 | HR@20 | NDCG@10 | NDCG@20 | train s (epochs) "
-        "| ms/user median (min) | state KiB/user |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        state = "-" if r["state_bytes_mean"] is None else f"{r['state_bytes_mean'] / 1024:.1f}"
-        lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['variant']} | {r['max_items']} | {r['HR@10']:.4f} "
-            f"| {r['HR@20']:.4f} | {r['NDCG@10']:.4f} | {r['NDCG@20']:.4f} | {r['train_s']:.0f} "
-            f"({r['epochs']}) | {r['ms_per_user_median']:.2f} ({r['ms_per_user_min']:.2f}) | {state} |"
-        )
+def summarize(args, runs: dict[tuple[str, str, int], Path]) -> dict:
+    results = {key: json.loads((path / "results.json").read_text()) for key, path in runs.items()}
+    rows, pairs = [], []
+    for model in args.models:
+        ranks = {}
+        for variant in args.variants:
+            per_seed = [results[(model, variant, s)] for s in args.seeds]
+            ranks[variant] = [r["ranks"] for r in per_seed]
+            values = {m: [r["metrics"][m] for r in per_seed] for m in METRICS}
+            training = [r["training"] for r in per_seed]
+            rows.append({
+                "model": model, "variant": variant, "history_items": per_seed[0]["config"]["max_items"],
+                "seeds": list(args.seeds), "num_samples": per_seed[0]["num_samples"],
+                **{m: float(np.mean(v)) for m, v in values.items()},
+                **{f"{m}_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
+                "best_epochs": [t["best_epoch"] for t in training],
+                "train_s_mean": float(np.mean([t["seconds"] for t in training])),
+            })  # fmt: skip
+        for a, b in PAIRS:
+            if a in ranks and b in ranks:
+                for metric in ("HR@20", "NDCG@10"):
+                    diff = paired_difference(seed_mean(ranks[a], metric), seed_mean(ranks[b], metric))
+                    pairs.append({"model": model, "a": a, "b": b, "metric": metric, **diff})
+    return {"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "pairs": pairs}
+
+
+def table(summary: dict) -> str:
+    lines = ["| model | variant | history items | " + " | ".join(METRICS) + " | best epochs | train s |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]  # fmt: skip
+    for r in summary["rows"]:
+        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_sd']:.4f}" for m in METRICS)
+        epochs = ",".join(str(e) for e in r["best_epochs"])
+        lines.append(f"| {r['model']} | {r['variant']} | {r['history_items']} | {cells} | {epochs} "
+                     f"| {r['train_s_mean']:.0f} |")  # fmt: skip
+    lines += ["", "Paired differences (a - b; per-sample metric averaged over seeds; s.e. and 95% bootstrap "
+              "interval over test samples):", "", "| model | a - b | metric | a | b | diff | s.e. | 95% CI |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in summary["pairs"]:
+        lines.append(f"| {p['model']} | {p['a']} - {p['b']} | {p['metric']} | {p['a']:.4f} | {p['b']:.4f} "
+                     f"| {p['diff']:+.4f} | {p['se']:.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,39 +113,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-root", required=True, help="directory holding ml-100k/ and ml-1m/")
+    parser.add_argument("--data", required=True, help="release directory (ML-1M)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--datasets", nargs="+", default=["ml-100k", "ml-1m"])
     parser.add_argument("--models", nargs="+", default=["sasrec", "hstu"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--max-items", type=int, default=200, help="L of the full and PerSRec rows (200)")
-    parser.add_argument("--segment", type=int, default=50, help="PerSRec segment = the recent-only L (50)")
-    parser.add_argument("--tokens", type=int, default=4, help="PerSRec tokens per segment (4)")
-    parser.add_argument("--patience", type=int, default=5)
-    parser.add_argument("--latency-samples", type=int, default=200)
-    parser.add_argument("--minutes-100k", type=float, default=4.0, help="training budget per ML-100K run")
-    parser.add_argument("--minutes-1m", type=float, default=8.0, help="training budget per ML-1M run")
-    # At L = 200 a user is about one window: 128 windows a step would be only 8 steps an epoch on ML-100K and
-    # 47 on ML-1M; with 128 an ML-1M run had reached val NDCG@10 0.024 after 4 epochs (464 s), with 32 0.046
-    parser.add_argument("--batch-100k", type=int, default=32, help="windows per step on ML-100K (32)")
-    parser.add_argument("--batch-1m", type=int, default=32, help="windows per step on ML-1M (32)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs of every run (best on val)")
+    parser.add_argument("--eval-every", type=int, default=2, help="epochs between validations (2)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training sequences per step (32)")
+    parser.add_argument("--window", type=int, default=350, help="P, the old window (350)")
+    parser.add_argument("--recent", type=int, default=50, help="R, the recent items (50)")
+    parser.add_argument("--segment", type=int, default=50, help="N, the rolling segment (50)")
+    parser.add_argument("--tokens", type=int, default=4, help="k, PerSRec tokens (4)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (2)")
     args = parser.parse_args()
-    args.minutes = {"ml-100k": args.minutes_100k, "ml-1m": args.minutes_1m}
-    args.batch_size = {"ml-100k": args.batch_100k, "ml-1m": args.batch_1m}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for dataset in args.datasets:
-        for model in args.models:
-            for variant in args.variants:
-                run_dir = out / "runs" / f"{dataset}-{model}-{variant.replace(' ', '-')}"
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-                rows.append(run_one(args, dataset, model, variant, run_dir))
-                summary = {"command": " ".join(sys.argv), "args": vars(args), "rows": rows}
-                (out / "summary.json").write_text(json.dumps(summary, indent=1))
-                (out / "summary.md").write_text(table(rows))
-    print(table(rows))
+    keys = [(m, v, s) for s in args.seeds for m in args.models for v in args.variants]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        paths = list(pool.map(lambda key: run_one(args, *key), keys))
+    summary = summarize(args, dict(zip(keys, paths, strict=True)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(table(summary))
+    print(table(summary))
     return 0
 
 

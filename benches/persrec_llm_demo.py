@@ -56,7 +56,7 @@ def run(setup: Setup, work: Path, progress: bool) -> dict:
     from patchrec.data.synthetic import item_topics
     from patchrec.demo import DemoConfig, _synthetic
     from patchrec.eval.evaluate import evaluate
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedLlama
     from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
     from patchrec.train.config import TrainConfig
     from patchrec.train.loop import random_subset, train

@@ -151,7 +151,7 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
     from patchrec.data.synthetic import item_topics
     from patchrec.eval.evaluate import evaluate
     from patchrec.eval.metrics import rank_samples, ranking_metrics
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedDecoder
     from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
     from patchrec.train.loop import random_subset
 
@@ -199,7 +199,7 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
         (f"vanilla SFT, last {demo.short_items}", "vanilla", [short], short_test),
     ):
         planner = make_planner(plan, k=demo.k)
-        model = PackedLlama.from_pretrained(results[-1].model_dir)
+        model = PackedDecoder.from_pretrained(results[-1].model_dir)
         result = evaluate(model, tokens, samples, planner=planner, ranking="exact", ks=ks, progress=progress)
         before, after = history_token_counts(samples, planner, tokens)
         keep = after > 0

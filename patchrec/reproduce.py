@@ -183,7 +183,7 @@ class Reproduction:
         from patchrec.batching.plan import make_planner
         from patchrec.eval.evaluate import evaluate
         from patchrec.eval.metrics import write_results
-        from patchrec.model.llama import PackedLlama
+        from patchrec.model.decoder import PackedDecoder
 
         stages, plan = ROW_STAGES[row]
         config = self.stage_config(stages[-1]) if stages else None
@@ -198,7 +198,8 @@ class Reproduction:
                 continue
             if model is None:
                 source = self.backbone if not stages else self.out / "stages" / stages[-1] / "model"
-                model = PackedLlama.from_pretrained(source, vocab_size=tokens.vocab_size, dtype=torch.float32)
+                model = PackedDecoder.from_pretrained(source, vocab_size=tokens.vocab_size,
+                                                      dtype=torch.float32)  # fmt: skip
             res = evaluate(model, tokens, test, planner=planner, ranking=ranking, ks=(10, 20),
                            max_rows=self.scale.max_rows, progress=self.progress,
                            **({"protocol": self.protocol} if ranking == "beam" else {}))  # fmt: skip

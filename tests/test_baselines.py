@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from transformers import set_seed
 
 from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRecConfig, TrainConfig
+from patchrec.baselines.checkpoint import load_baseline
 from patchrec.baselines.train import cu_seqlens_of, evaluate, fit, training_windows
 from patchrec.data.dataset import Dataset, make_samples
+from patchrec.data.source import load_data
 from patchrec.data.synthetic import make_synthetic
 from patchrec.eval.metrics import rank_samples, ranking_metrics
 
@@ -217,7 +219,11 @@ def test_cli_smoke(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["mask_history"] is True and res["split"] == "val"
     assert res["config"]["model_config"]["hidden"] == 16 and res["config"]["model_config"]["max_len"] == 20
-    assert (out / "model.pt").exists()
+    assert (out / "model.safetensors").exists()
+    # the saved directory loads back (safetensors + config.json, no pickle) and ranks exactly as the run did
+    loaded, saved = load_baseline(out)
+    val = make_samples(load_data("synthetic"), "val", saved["max_items"])
+    assert evaluate(loaded, val, mask_history=True).tolist() == res["ranks"]
 
     # a flag that does not apply to the model is an error, not silently ignored
     assert main(["baseline", "popularity", "--data", "synthetic", "--epochs", "3", "--out", str(out)]) == 2

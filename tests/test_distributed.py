@@ -23,7 +23,7 @@ import torch
 from patchrec.batching.plan import make_planner
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 from patchrec.train.checkpoint import latest_checkpoint
 from patchrec.train.config import preset
 from patchrec.train.distributed import balanced_bounds, even_bounds, greedy_bounds, shard_step

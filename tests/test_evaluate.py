@@ -24,7 +24,7 @@ from patchrec.eval.beam import PROTOCOLS, TitleTrie, beam_search
 from patchrec.eval.evaluate import evaluate, exact_item_scores, limit_samples, rank_in_returned
 from patchrec.eval.exact import CatalogTitles, encode_prompts, score_titles
 from patchrec.eval.metrics import full_ranks, rank_samples
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 
 DUP_OF, DUP = 3, 6  # item 6 ("Babe") is renamed to item 3's title ("Heat"): one title, two items
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import shared_path
 
-import patchrec.model.llama as model_module
+import patchrec.model.attention as attention_module
+import patchrec.model.decoder as decoder_module
 from patchrec.batching.pack import pack_batch
 from patchrec.batching.plan import pft_i_plan, pft_s_plan, stack_plans, vanilla_plan
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
 from patchrec.data.source import load_data
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.varlen_attention import resolve_varlen_backend, varlen_attention
 
@@ -67,8 +68,9 @@ def test_gpu_packed_path_matches_cpu_fp32(real, monkeypatch):
     probe = torch.zeros(1, 9, 64, device="cuda", dtype=torch.bfloat16)
     assert resolve_varlen_backend(probe) in ("flash_attn", "torch")
     fused = _answer_loglik(bf16, gpu_batch, len(ids))
-    for name, op in (("patch_embed", patch_embed), ("varlen_attention", varlen_attention)):
-        monkeypatch.setattr(model_module, name, functools.partial(op, backend="reference"))
+    for module, name, op in ((decoder_module, "patch_embed", patch_embed),
+                             (attention_module, "varlen_attention", varlen_attention)):  # fmt: skip
+        monkeypatch.setattr(module, name, functools.partial(op, backend="reference"))
     eager = _answer_loglik(bf16, gpu_batch, len(ids))
     err, eager_err = (fused - oracle).abs().max().item(), (eager - oracle).abs().max().item()
     assert err <= 2 * eager_err + 0.02, f"fused bf16 error {err:.4f} nats vs eager bf16 {eager_err:.4f}"

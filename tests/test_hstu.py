@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import hstu_dense_hidden
 from transformers import set_seed
 
 from patchrec.baselines import HSTU, HSTUConfig, Popularity, TrainConfig, evaluate, fit
@@ -31,49 +32,6 @@ def _hstu(seed: int = 0, num_items: int = NUM_ITEMS, **kw) -> HSTU:
     torch.manual_seed(seed)
     config = dict(hidden=24, num_blocks=2, num_heads=2, dropout=0.0, max_len=40) | kw
     return HSTU(num_items, HSTUConfig(**config)).double()
-
-
-def _bucket(offset: int, num_buckets: int, max_offset: int) -> int:
-    """The relative-position bucket, one offset at a time."""
-    offset = max(offset, 0)
-    if num_buckets == 0:
-        return min(offset, max_offset - 1)
-    exact = num_buckets // 2
-    if offset < exact:
-        return offset
-    far = exact + int(math.log(offset / exact) / math.log(max_offset / exact) * (num_buckets - exact))
-    return min(far, num_buckets - 1)
-
-
-def _dense_layer(model: HSTU, layer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One HSTU layer on one sequence of rows x [n, d] (positions 0..n-1) with a dense [n, n] mask."""
-    n, d = x.shape
-    h, dq, dv = model.config.num_heads, model.attention_dim, model.linear_dim
-    y = F.silu(F.layer_norm(x, (d,), eps=1e-6) @ layer.uvqk)
-    u, v, q, k = (
-        y[:, : h * dv],
-        y[:, h * dv : 2 * h * dv],
-        y[:, 2 * h * dv : 2 * h * dv + h * dq],
-        y[:, -h * dq :],
-    )
-    buckets = [
-        [_bucket(i - j, model.config.position_buckets, model.max_rows) for j in range(n)] for i in range(n)
-    ]
-    rab = layer.rel_bias[torch.tensor(buckets, dtype=torch.long)]
-    heads = []
-    for a in range(h):
-        qa, ka, va = q[:, a * dq : (a + 1) * dq], k[:, a * dq : (a + 1) * dq], v[:, a * dv : (a + 1) * dv]
-        weights = F.silu(qa @ ka.T + rab) / model.max_rows * mask
-        heads.append(weights @ va)
-    attn = F.layer_norm(torch.cat(heads, dim=1), (h * dv,), eps=1e-6)
-    return layer.o(attn * u) + x
-
-
-def _dense_hidden(model: HSTU, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    x = x + model.pos_emb(torch.arange(len(x)))
-    for layer in model.layers:
-        x = _dense_layer(model, layer, x, mask)
-    return F.normalize(x, dim=-1, eps=1e-6)
 
 
 def _dense_logits(model: HSTU, hidden: torch.Tensor) -> torch.Tensor:
@@ -107,7 +65,7 @@ def test_packed_hstu_equals_dense_per_sequence(kw):
         n = len(seq)
         x = model.item_emb(seq) * math.sqrt(model.config.hidden)
         want.append(
-            _dense_logits(model, _dense_hidden(model, x, torch.ones(n, n, dtype=torch.double).tril()))
+            _dense_logits(model, hstu_dense_hidden(model, x, torch.ones(n, n, dtype=torch.double).tril()))
         )
     grads = _assert_same_with_grads(model, got, torch.cat(want), seed=2)
     assert grads["layers.0.rel_bias"].abs().sum() > 0  # the relative bias is learned
@@ -133,7 +91,7 @@ def test_persrec_hstu_equals_dense_mask_reference():
                 rows.append(model.item_emb.weight[seq[next_item]] * math.sqrt(model.config.hidden))
                 next_item += 1
         mask = persrec_mask(kind, segment).double()
-        hidden = _dense_hidden(model, torch.stack(rows), mask)
+        hidden = hstu_dense_hidden(model, torch.stack(rows), mask)
         want.append(hidden[torch.from_numpy(kind != TOKEN)])
     grads = _assert_same_with_grads(model, got, torch.cat(want), seed=3)
     assert grads["token_emb.weight"].abs().sum() > 0  # the T vectors are learned

@@ -17,7 +17,7 @@ from patchrec.batching.pack_reference import ReferencePacker
 from patchrec.batching.plan import pft_i_plan, pft_s_plan, pretrain_plans, stack_plans, vanilla_plan
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import make_samples
-from patchrec.model.llama import PRESETS, PackedLlama, llama_config
+from patchrec.model.decoder import PRESETS, PackedLlama, llama_config
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from patchrec.data.dataset import make_samples
 from patchrec.eval.beam import TitleTrie, beam_search
 from patchrec.eval.evaluate import evaluate
 from patchrec.eval.exact import CatalogTitles, score_titles
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 from patchrec.persrec.llm import encode_full, split_state
 from patchrec.persrec.reference import PREFIX, RECENT, persrec_mask
 from patchrec.train.config import TrainConfig, preset

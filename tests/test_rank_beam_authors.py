@@ -17,7 +17,7 @@ from patchrec.batching.tokens import TitleTable
 from patchrec.eval.beam import PROTOCOLS, TitleTrie, beam_search
 from patchrec.eval.evaluate import rank_in_returned
 from patchrec.eval.exact import CatalogTitles
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 
 DATA = Path(__file__).with_name("data")
 

@@ -16,7 +16,7 @@ from patchrec.batching.tokens import history_text, load_tokenizer, render_prompt
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, make_samples
 from patchrec.data.source import load_data
 from patchrec.model.backbone import load_causal_lm
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,7 +23,7 @@ def backbone(tmp_path_factory):
     from patchrec.batching.tokenizer_train import train_title_tokenizer
     from patchrec.batching.tokens import load_tokenizer
     from patchrec.data.source import load_data
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedLlama
 
     path = tmp_path_factory.mktemp("backbone")
     dataset = load_data("synthetic")

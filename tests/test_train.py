@@ -13,7 +13,7 @@ from patchrec.batching.plan import make_planner
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.cli import main
 from patchrec.data.dataset import make_samples
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedLlama
 from patchrec.train.config import PRESETS, TrainConfig, preset
 from patchrec.train.loop import (
     latest_checkpoint,

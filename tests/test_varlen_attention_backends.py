@@ -301,7 +301,9 @@ def test_torch_backend_says_when_its_backward_is_not_deterministic(fake_gpu, cap
 
 
 def test_packed_llama_asks_for_deterministic_attention(monkeypatch):
-    import patchrec.model.llama as model_module
+    import types
+
+    import patchrec.model.attention as attention_module
 
     seen = {}
 
@@ -309,10 +311,11 @@ def test_packed_llama_asks_for_deterministic_attention(monkeypatch):
         seen.update(kwargs)
         return varlen_attention(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "varlen_attention", spy)
+    monkeypatch.setattr(attention_module, "varlen_attention", spy)
     query, key = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
-    out, _ = model_module._packed_attention(
-        None, query, key, key, None, scaling=0.3, cu_seq_lens_q=cu_from_lengths([2, 3]), max_length_q=3
+    plan = attention_module.PackedPlan(cu_from_lengths([2, 3]), 3)
+    out, _ = attention_module.packed_attention(
+        types.SimpleNamespace(layer_idx=0), query, key, key, None, scaling=0.3, attention_plan=plan
     )
     assert seen["deterministic"] is True and out.shape == (1, 5, 4, 8)
 

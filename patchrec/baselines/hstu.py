@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchrec.baselines.inputs import check_packed, embed_item_rows
+from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
 from patchrec.persrec.attention import block_keys
 from patchrec.persrec.layout import BlockLayout, ItemRows, block_layout
-from patchrec.persrec.sequence import PersrecConfig, PersrecState, persrec_hidden
+from patchrec.persrec.sequence import persrec_hidden
+from patchrec.persrec.state import PersrecState
 
 NORM_EPS = 1e-6  # the reference's layer-norm and L2-norm epsilon
 
@@ -64,8 +65,12 @@ class HSTUConfig:
     num_heads: int = 1  # attention heads (reference ML-1M: 2)
     dropout: float = 0.2  # on the inputs and before each layer's output projection (reference: 0.2)
     max_len: int = 100  # L, longest sequence read; the position table has this many rows (+ T tokens)
-    persrec_tokens: int = 0  # PerSRec: k learnable tokens after each old segment (0 = off; paper: 4)
-    persrec_segment: int = 50  # PerSRec: items per old-history segment
+    persrec_tokens: int = 0  # PerSRec: k learnable tokens (0 = off; paper: 4)
+    persrec_segment: int = 50  # PerSRec segments / rolling layouts: items per segment
+    persrec_layout: str = "segments"  # PerSRec layout: segments, window or rolling (patchrec.persrec.config)
+    persrec_window: int = 0  # PerSRec window layout: P old items compressed into the k tokens
+    persrec_recent: int = 0  # PerSRec window layout: R recent items
+    persrec_unroll: int = 0  # PerSRec rolling layout: segments the gradient reaches back through (0 = all)
     attention_dim: int = 0  # per-head Q/K size (reference dqk); 0 = hidden // num_heads
     linear_dim: int = 0  # per-head U/V size (reference dv); 0 = hidden // num_heads
     position_buckets: int = 0  # relative-position buckets; 0 = one per offset (reference), else T5-style log
@@ -133,25 +138,44 @@ def pointwise_attention(
     rows, heads = q.shape[0], q.shape[1]
     if int(layout.cu_q[-1]) != rows:
         raise ValueError(f"layout has {int(layout.cu_q[-1])} query rows, q has {rows}")
-    device = q.device
     keys = block_keys(k, layout, context_k)
     values = block_keys(v, layout, context_v)
     key_pos = block_keys(positions, layout, context_positions)
 
     cu_q, cu_k = layout.cu_q.long(), layout.cu_k.long()
-    lq, lk = cu_q.diff(), cu_k.diff()
-    qi = torch.arange(layout.max_q, device=device)
-    kj = torch.arange(layout.max_k, device=device)
-    q_valid = qi[None] < lq[:, None]  # [NB, Mq]
-    k_valid = kj[None] < lk[:, None]  # [NB, Mk]
+    lk = cu_k.diff()
+    extra = (q, keys, values, positions, key_pos)
+    if lk.numel() == 0:
+        return q.new_zeros(rows, heads, v.shape[2])
+    # Blocks are padded per group of similar key lengths (powers of two), not all to the longest block: a
+    # batch of histories of 5..400 items would otherwise spend most of its work on padding.
+    group = torch.ceil(torch.log2(lk.clamp(min=1).double())).long()
+    out = q.new_zeros(rows, heads, v.shape[2])
+    for g in torch.unique(group).tolist():
+        blocks = torch.nonzero(group == g).flatten()
+        rows_g, out_g = _padded_blocks(*extra, cu_q, cu_k, blocks, scale, bias)
+        out = out.index_copy(0, rows_g, out_g)
+    return out
+
+
+def _padded_blocks(q, keys, values, positions, key_pos, cu_q, cu_k, blocks, scale, bias):
+    """``pointwise_attention`` of the blocks ``blocks`` padded to their longest: (their query rows, the
+    output at those rows [n, H, Dv])."""
+    device = q.device
+    lq, lk = (cu_q[blocks + 1] - cu_q[blocks]), (cu_k[blocks + 1] - cu_k[blocks])
+    max_q, max_k = int(lq.max()), int(lk.max())
+    qi = torch.arange(max_q, device=device)
+    kj = torch.arange(max_k, device=device)
+    q_valid = qi[None] < lq[:, None]  # [G, Mq]
+    k_valid = kj[None] < lk[:, None]  # [G, Mk]
     # Padded slots point at one extra zero row after the real ones.
-    q_index = torch.where(q_valid, cu_q[:-1, None] + qi[None], rows)
-    k_index = torch.where(k_valid, cu_k[:-1, None] + kj[None], keys.shape[0])
+    q_index = torch.where(q_valid, cu_q[blocks, None] + qi[None], q.shape[0])
+    k_index = torch.where(k_valid, cu_k[blocks, None] + kj[None], keys.shape[0])
 
     def padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])[index]
 
-    qp, kp, vp = padded(q, q_index), padded(keys, k_index), padded(values, k_index)  # [NB, M, H, D]
+    qp, kp, vp = padded(q, q_index), padded(keys, k_index), padded(values, k_index)  # [G, M, H, D]
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp)
     if bias is not None:
         offsets = padded(positions, q_index)[:, :, None] - padded(key_pos, k_index)[:, None, :]
@@ -162,8 +186,8 @@ def pointwise_attention(
         & (kj[None, None] <= qi[None, :, None] + (lk - lq)[:, None, None])
     )
     weights = F.silu(scores) * sees[:, None].to(scores.dtype) * scale
-    out = torch.einsum("bhij,bjhd->bihd", weights, vp)  # [NB, Mq, H, Dv]
-    return out[q_valid].reshape(rows, heads, v.shape[2])
+    out = torch.einsum("bhij,bjhd->bihd", weights, vp)  # [G, Mq, H, Dv]
+    return q_index[q_valid], out[q_valid]
 
 
 class HSTULayer(nn.Module):
@@ -246,13 +270,12 @@ class HSTU(nn.Module):
             )
         self.config = config
         self.num_items = num_items
-        self.persrec = PersrecConfig(config.persrec_tokens, config.persrec_segment)
+        self.persrec = persrec_config_of(config)
         # The longest row sequence: the position table's size, the bias's offsets and the attention's 1/N.
         self.max_rows = self.persrec.rows_for(config.max_len)
         self.item_emb = nn.Embedding(num_items, config.hidden)
         self.pos_emb = nn.Embedding(self.max_rows, config.hidden)
-        # PerSRec's T vectors, shared by all users (none without PerSRec)
-        self.token_emb = nn.Embedding(config.persrec_tokens, config.hidden) if config.persrec_tokens else None
+        self.token_emb, self.memory_emb = persrec_embeddings(self.persrec, config.hidden)
         self.emb_dropout = nn.Dropout(config.dropout)
         dims = (self.attention_dim, self.linear_dim, self.max_rows)
         self.layers = nn.ModuleList(HSTULayer(config, *dims) for _ in range(config.num_blocks))
@@ -263,8 +286,9 @@ class HSTU(nn.Module):
         nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
         std = math.sqrt(1.0 / self.config.hidden)
         nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
-        if self.token_emb is not None:
-            nn.init.trunc_normal_(self.token_emb.weight, std=std, a=-2 * std, b=2 * std)
+        for table in (self.token_emb, self.memory_emb):
+            if table is not None:
+                nn.init.trunc_normal_(table.weight, std=std, a=-2 * std, b=2 * std)
 
     def forward(self, items: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """Hidden states [T, d] of packed sequences (L2-normalised when ``config.temperature`` > 0).
@@ -273,7 +297,7 @@ class HSTU(nn.Module):
         cu_seqlens: int [B+1], sequence ``b`` is ``items[cu_seqlens[b]:cu_seqlens[b+1]]``.
         max_seqlen: the longest sequence, at most ``config.max_len``.
         """
-        lengths = check_packed(items, cu_seqlens, max_seqlen, self.config.max_len)
+        lengths = check_packed(items, cu_seqlens, max_seqlen, self.persrec.history_items(self.config.max_len))
         if self.persrec.tokens:
             return persrec_hidden(self, items, cu_seqlens)
         # Without PerSRec: the same layers with one block per sequence.
@@ -296,8 +320,8 @@ class HSTU(nn.Module):
         """(heads, head size) of one key/value row of the state."""
         return self.config.num_heads, self.attention_dim
 
-    def embed_rows(self, items: torch.Tensor, rows: ItemRows) -> torch.Tensor:
-        return embed_item_rows(self, items, rows)
+    def embed_rows(self, items: torch.Tensor, rows: ItemRows, memory: torch.Tensor | None = None):
+        return embed_item_rows(self, items, rows, memory)
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, layout: BlockLayout, state: PersrecState | None

@@ -15,7 +15,7 @@ import torch
 
 from patchrec.baselines.train import sample_scorer
 from patchrec.data.dataset import Samples
-from patchrec.persrec.sequence import fold_segments, recent_hidden, split_history
+from patchrec.persrec.sequence import build_state, read_recent, split_for
 
 
 def per_user_latency(
@@ -35,14 +35,14 @@ def per_user_latency(
         index = np.array([i])
         if cached:
             n = samples.history_lengths[index]
-            old, recent = split_history(n, model.persrec.segment)
+            old, recent = split_for(model.persrec, n)
             start = int(samples.hist_start[i])
             with torch.no_grad():
-                state = fold_segments(model, None, torch.from_numpy(flat[start : start + old[0]]), old)
+                state = build_state(model, torch.from_numpy(flat[start : start + old[0]]), old)
             recent_items = torch.from_numpy(flat[start + old[0] : start + n[0]])
             t0 = time.perf_counter()
             with torch.no_grad():
-                model.logits(recent_hidden(model, state, recent_items, recent))
+                model.logits(read_recent(model, state, recent_items, recent))
             elapsed = time.perf_counter() - t0
             state_bytes.append(int(state.nbytes()[0]))
         else:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from patchrec.baselines.inputs import check_packed, embed_item_rows
+from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
 from patchrec.persrec.attention import segmented_attention
 from patchrec.persrec.layout import BlockLayout, ItemRows
-from patchrec.persrec.sequence import PersrecConfig, PersrecState, persrec_hidden
+from patchrec.persrec.sequence import persrec_hidden
+from patchrec.persrec.state import PersrecState
 from patchrec_kernels.varlen_attention import varlen_attention
 
 
@@ -40,8 +41,12 @@ class SASRecConfig:
     num_heads: int = 1  # attention heads (paper: 1; more did not help); hidden % num_heads == 0
     dropout: float = 0.2  # on embeddings, attention output and FFN (paper: 0.2 on MovieLens-1M)
     max_len: int = 100  # L, longest sequence read; the position table has this many rows (+ T tokens)
-    persrec_tokens: int = 0  # PerSRec: k learnable tokens after each old segment (0 = off; paper: 4)
-    persrec_segment: int = 50  # PerSRec: items per old-history segment
+    persrec_tokens: int = 0  # PerSRec: k learnable tokens (0 = off; paper: 4)
+    persrec_segment: int = 50  # PerSRec segments / rolling layouts: items per segment
+    persrec_layout: str = "segments"  # PerSRec layout: segments, window or rolling (patchrec.persrec.config)
+    persrec_window: int = 0  # PerSRec window layout: P old items compressed into the k tokens
+    persrec_recent: int = 0  # PerSRec window layout: R recent items
+    persrec_unroll: int = 0  # PerSRec rolling layout: segments the gradient reaches back through (0 = all)
 
 
 class SASRecBlock(nn.Module):
@@ -102,11 +107,10 @@ class SASRec(nn.Module):
             raise ValueError("config needs num_blocks >= 0, max_len >= 1 and dropout in [0, 1)")
         self.config = config
         self.num_items = num_items
-        self.persrec = PersrecConfig(config.persrec_tokens, config.persrec_segment)
+        self.persrec = persrec_config_of(config)
         self.item_emb = nn.Embedding(num_items, config.hidden)
         self.pos_emb = nn.Embedding(self.persrec.rows_for(config.max_len), config.hidden)
-        # PerSRec's T vectors, shared by all users (none without PerSRec, so old checkpoints load unchanged)
-        self.token_emb = nn.Embedding(config.persrec_tokens, config.hidden) if config.persrec_tokens else None
+        self.token_emb, self.memory_emb = persrec_embeddings(self.persrec, config.hidden)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.hidden, eps=1e-8)
@@ -133,7 +137,7 @@ class SASRec(nn.Module):
         cu_seqlens: int32 [B+1], sequence ``b`` is ``items[cu_seqlens[b]:cu_seqlens[b+1]]``.
         max_seqlen: the longest sequence, at most ``config.max_len``.
         """
-        check_packed(items, cu_seqlens, max_seqlen, self.config.max_len)
+        check_packed(items, cu_seqlens, max_seqlen, self.persrec.history_items(self.config.max_len))
         if self.persrec.tokens:
             return persrec_hidden(self, items, cu_seqlens)
         cu_seqlens = cu_seqlens.to(device=items.device, dtype=torch.int32)
@@ -155,8 +159,8 @@ class SASRec(nn.Module):
         """(heads, head size) of one key/value row of the state."""
         return self.config.num_heads, self.config.hidden // self.config.num_heads
 
-    def embed_rows(self, items: torch.Tensor, rows: ItemRows) -> torch.Tensor:
-        return embed_item_rows(self, items, rows)
+    def embed_rows(self, items: torch.Tensor, rows: ItemRows, memory: torch.Tensor | None = None):
+        return embed_item_rows(self, items, rows, memory)
 
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, layout: BlockLayout, state: PersrecState | None

@@ -5,7 +5,10 @@ Everything downstream (planning, packing, stats) works on these integer arrays; 
 per title and once per prompt half, never per sample.
 
 Prompt rendering:
-- with a chat template: ``[system, user]`` messages rendered with ``add_generation_prompt=True``;
+- with a chat template: ``[system, user]`` messages rendered with ``add_generation_prompt=True``; a template
+  without a system role (Gemma's raises on one; some drop it silently) gets one user message instead, the
+  system prompt and a blank line before the user prompt (what Gemma 3's own template does with a system
+  message);
 - without one: ``PLAIN_TEMPLATE`` = ``"{bos}System: {system}\\nUser: {user}\\nAssistant: "`` (``{bos}`` is the
   tokenizer's bos token text, empty when it has none).
 The rendered text is split at ``[HISTORY_SEQUENCE]``; the history between the halves is
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError
 
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, Dataset
 
@@ -145,7 +149,14 @@ def render_prompt_text(tokenizer, system_prompt: str, user_prompt: str) -> str:
         raise ValueError(f"user_prompt must contain {HISTORY_PLACEHOLDER} exactly once")
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_prompt}]
-        text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+        try:
+            text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+        except TemplateError:  # e.g. Gemma's raise_exception('System role not supported')
+            text = None
+        if text is None or (system_prompt and system_prompt not in text):
+            folded = [{"role": "user", "content": f"{system_prompt}\n\n{user_prompt}" if system_prompt else
+                       user_prompt}]  # fmt: skip
+            text = apply_chat_template(tokenizer, folded, add_generation_prompt=True)
     else:
         text = PLAIN_TEMPLATE.format(bos=tokenizer.bos_token or "", system=system_prompt, user=user_prompt)
     if text.count(HISTORY_PLACEHOLDER) != 1:

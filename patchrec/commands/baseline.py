@@ -6,25 +6,36 @@ Example::
     patchrec baseline hstu --data ../shared/data/patchrec/ml-1m --max-items 200 \
         --persrec-tokens 4 --persrec-segment 50 --out runs/hstu-persrec-ml1m
 
-PerSRec (``--persrec-tokens K``, SASRec and HSTU): K learnable tokens after every old segment of
-``--persrec-segment`` items, segment-isolated attention; ``--persrec-cache on`` (the default) ranks from each
-user's cached state (the T tokens' keys/values, built once from the old segments) and the recent items only,
-``off`` runs the whole history; both give the same ranks. ``--latency-samples N`` times per-user inference
-(batch 1) on the first N evaluation samples and records it with the state size.
+PerSRec (``--persrec-tokens K``, SASRec and HSTU) in one of three layouts (``--persrec-layout``):
+
+- ``segments`` (default): the latest ``--max-items`` items cut into old segments of ``--persrec-segment``
+  items, each followed by K tokens; the state grows by K rows per segment;
+- ``window`` (the PerSRec paper): one old window of ``--persrec-window`` P items compressed into K tokens,
+  then the ``--persrec-recent`` R newest items; reads the newest P + R items (``--max-items`` defaults to it);
+- ``rolling`` (bounded state): the user's whole timeline in segments of ``--persrec-segment`` items from
+  their first interaction, a K-vector memory carried from segment to segment; reads every item of the
+  history (``--max-items`` does not apply); ``--persrec-unroll U`` cuts the training gradient every U
+  segments.
+
+``--persrec-cache on`` (the default) ranks from each user's cached state (built once from the old history)
+and the recent items only, ``off`` runs the whole history; both give the same ranks. ``--latency-samples N``
+times per-user inference (batch 1) on N seeded evaluation samples and records it with the state size.
 
 Writes ``results.json`` (``patchrec.eval.metrics.write_results``: metrics, K list, masking flag, tie rule,
 split, dataset, model, config, raw ranks) and ``config.json`` (the resolved configuration) into ``--out``; the
-neural models also write their selected weights to ``model.pt``.
+model to ``model.safetensors`` (the selected weights; popularity: its counts), which
+``patchrec.baselines.checkpoint.load_baseline`` (and ``patchrec serve``) read back with ``config.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from patchrec.data.source import load_data
 
@@ -50,8 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="release directory (id2title.txt, sequences.jsonl, prompt.txt) or 'synthetic'",
     )
     data.add_argument(
-        "--max-items", type=int, default=100, help="history length L (default 100, METHOD.md §4)"
-    )
+        "--max-items", type=int, default=None,
+        help="history length L (default 100; PerSRec window: P + R; rolling: the whole timeline)",
+    )  # fmt: skip
     data.add_argument(
         "--split", choices=("val", "test"), default="test", help="split to evaluate (default test)"
     )
@@ -103,7 +115,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     persrec.add_argument(
         "--persrec-tokens", type=int, default=None, help="K learnable tokens after each old segment (0 = off)"
     )
-    persrec.add_argument("--persrec-segment", type=int, default=None, help="items per old segment (50)")
+    persrec.add_argument("--persrec-segment", type=int, default=None,
+                         help="segments / rolling layouts: items per segment (50)")  # fmt: skip
+    persrec.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
+                         help="where the tokens go (segments, the default; window; rolling)")  # fmt: skip
+    persrec.add_argument("--persrec-window", type=int, default=None,
+                         help="window layout: P old items compressed into the tokens")  # fmt: skip
+    persrec.add_argument("--persrec-recent", type=int, default=None,
+                         help="window layout: R newest items read as they are")  # fmt: skip
+    persrec.add_argument("--persrec-unroll", type=int, default=None,
+                         help="rolling layout, training: cut the gradient every U segments (0: never)")
     persrec.add_argument(
         "--persrec-cache",
         choices=("on", "off"),
@@ -136,21 +157,46 @@ def _ignored(args: argparse.Namespace, flags: list[str]) -> None:
         raise ValueError(f"{', '.join(given)} do(es) not apply to {args.model}")
 
 
+def history_items(args: argparse.Namespace, dataset) -> int:
+    """Items of history every sample reads: ``--max-items`` (default 100); the PerSRec window layout reads
+    P + R, the rolling layout the whole timeline (the longest user's length)."""
+    layout = args.persrec_layout or "segments"
+    if layout == "window":
+        if args.persrec_window is None or args.persrec_recent is None:
+            raise ValueError("--persrec-layout window needs --persrec-window P and --persrec-recent R")
+        window = args.persrec_window + args.persrec_recent
+        if args.max_items not in (None, window):
+            raise ValueError(f"--max-items must be P + R = {window} for the window layout, or left out")
+        return window
+    if args.persrec_window is not None or args.persrec_recent is not None:
+        raise ValueError("--persrec-window and --persrec-recent apply to --persrec-layout window")
+    if layout != "rolling" and args.persrec_unroll is not None:
+        raise ValueError("--persrec-unroll applies to --persrec-layout rolling")
+    if layout == "rolling":
+        if args.max_items is not None:
+            raise ValueError("--persrec-layout rolling reads the whole timeline: leave --max-items out")
+        return int(np.diff(dataset.user_offsets).max())
+    max_items = 100 if args.max_items is None else args.max_items
+    if max_items < 1:
+        raise ValueError(f"--max-items must be >= 1, got {max_items}")
+    return max_items
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import set_seed
 
     from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRecConfig, TrainConfig
+    from patchrec.baselines.checkpoint import save_baseline
     from patchrec.baselines.train import evaluate, fit
     from patchrec.data.dataset import make_samples
     from patchrec.eval.metrics import format_metrics, rank_samples, write_results
 
-    if args.max_items < 1:
-        raise ValueError(f"--max-items must be >= 1, got {args.max_items}")
     out = Path(args.out)
     progress = not args.no_progress
     t0 = time.perf_counter()
     dataset = load_data(args.data)
+    args.max_items = history_items(args, dataset)
     samples = make_samples(dataset, args.split, args.max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
@@ -169,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     }
     extra: dict[str, Any] = {}
     model = None
-    persrec_flags = ["persrec_tokens", "persrec_segment", "persrec_cache"]
+    persrec_flags = ["persrec_tokens", "persrec_segment", "persrec_cache", "persrec_layout", "persrec_window",
+                     "persrec_recent", "persrec_unroll"]  # fmt: skip
     if args.model not in ATTENTION_MODELS:
         _ignored(args, persrec_flags)
         if args.latency_samples:
@@ -194,10 +241,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.model in ATTENTION_MODELS:
             _ignored(args, ["embedding", "num_layers"])
-            needs_tokens = args.persrec_segment is not None or args.persrec_cache is not None
+            needs_tokens = [f for f in persrec_flags[1:] if getattr(args, f) is not None]
             if not args.persrec_tokens and needs_tokens:
-                raise ValueError("--persrec-segment and --persrec-cache need --persrec-tokens >= 1")
-            names = ["hidden", "dropout", "num_blocks", "num_heads", "persrec_tokens", "persrec_segment"]
+                flags = ", ".join(f"--{f.replace('_', '-')}" for f in needs_tokens)
+                raise ValueError(f"{flags} need(s) --persrec-tokens >= 1")
+            names = ["hidden", "dropout", "num_blocks", "num_heads"] + persrec_flags[:2] + persrec_flags[3:]
             if args.model == "sasrec":
                 model_config = _override(SASRecConfig(max_len=args.max_items), args, {n: n for n in names})
                 model = SASRec(dataset.num_items, model_config)
@@ -259,10 +307,8 @@ def run(args: argparse.Namespace) -> int:
             state = f", state {lat['state_bytes_mean'] / 1024:.1f} KiB/user" if persrec_cache else ""
             print(f"inference: {lat['ms_per_user_median']:.2f} ms/user (median, batch 1){state}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    if model is not None:
-        torch.save(model.state_dict(), out / "model.pt")
+    config["num_items"] = dataset.num_items
+    save_baseline(model if model is not None else pop, config, out)
     masks = [args.mask_history, not args.mask_history] if args.both_masks else [args.mask_history]
     for mask in masks:
         ranks = ranks_for(mask)

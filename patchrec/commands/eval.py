@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.eval.metrics import write_results
-    from patchrec.model.llama import PackedLlama
+    from patchrec.model.decoder import PackedDecoder
     from patchrec.train.distributed import evaluate_sharded
 
     model_dir = resolve_model_path(args.model)
@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
-    model = PackedLlama.from_pretrained(model_dir, vocab_size=tokens.vocab_size,
+    model = PackedDecoder.from_pretrained(model_dir, vocab_size=tokens.vocab_size,
                                         dtype=getattr(torch, dtype_name)).to(device)  # fmt: skip
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")

@@ -31,8 +31,8 @@ text) lives in ``patchrec.eval.evaluate``.
 
 Keys/values: the prompt once (``patchrec.eval.exact.encode_prompts``), then one row per running beam per step:
 part A attends to the cached prompt, part B to the beam's own cached tokens plus the new one (all running
-beams have the same length at a step, so the cache is a dense [beams, t, Hkv, D] tensor per layer, reordered
-by parent after every step).
+beams have the same length at a step, so the cache is [beams x t, Hkv, D] per layer, each beam's tokens
+back to back; a step gathers every beam's parent's rows and appends its new one, a ``BlockPlan``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from patchrec.batching.pack import PackedBatch
-from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations, log_softmax_rows
+from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations
+from patchrec.model.attention import BlockPlan
 
 EOT_RULES = ("title_end", "leaf")
 RANK_RULES = ("first_equal", "last_prefix")
@@ -300,7 +301,8 @@ def _select(running, rows, logp, penalty, trie, k, proto, group: _Group) -> list
 
 
 def _step(model, cache, running, past_k, past_v, step, device):
-    """Feed every running beam's last token; returns its next-token log-probs and the grown caches."""
+    """Feed every running beam's last token; returns its next-token log-probs and the grown caches (per layer
+    [beams * step, Hkv, D]: each beam's ``step`` tokens back to back)."""
     num_beams = len(running)
     parents = torch.tensor([b.parent for b in running], device=device)
     token_ids = torch.tensor([b.tokens[-1] for b in running], device=device)
@@ -309,22 +311,13 @@ def _step(model, cache, running, past_k, past_v, step, device):
     # Part A groups the rows by sequence: running beams are kept sorted by sequence.
     counts = torch.bincount(seq, minlength=len(cache.lengths))
     by_sample_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    new_k: list[torch.Tensor] = []
-    new_v: list[torch.Tensor] = []
     cu_q = torch.arange(num_beams + 1, device=device, dtype=torch.int32)
-    cu_k = cu_q * step
-
-    def own(layer, k, v):
-        if past_k is None:
-            keys, values = k[:, None], v[:, None]
-        else:
-            keys = torch.cat([past_k[layer].index_select(0, parents), k[:, None]], dim=1)
-            values = torch.cat([past_v[layer].index_select(0, parents), v[:, None]], dim=1)
-        new_k.append(keys)
-        new_v.append(values)
-        flat = keys.shape[1]
-        return keys.flatten(0, 1), values.flatten(0, 1), cu_q, cu_k, 1, flat
-
+    # Part B of beam i: its parent's step - 1 cached tokens (the context), then its own new row.
+    past = step - 1
+    context_rows = 0 if past_k is None else past_k[0].shape[0]
+    key_index = torch.cat([parents[:, None] * past + torch.arange(past, device=device),
+                           context_rows + torch.arange(num_beams, device=device)[:, None]], dim=1).ravel()
+    own = BlockPlan(cu_q, 1, cu_q * step, step, key_index, past_k, past_v, keep=key_index)  # fmt: skip
     hidden = forward_continuations(model, cache, token_ids, position_ids, by_sample_cu,
                                    int(counts.max()), own)  # fmt: skip
-    return log_softmax_rows(model, hidden), new_k, new_v
+    return model.logprobs(hidden), own.keys, own.values

@@ -1,4 +1,4 @@
-"""Whole-catalog evaluation of a ``PackedLlama`` on the packed path (METHOD.md §5).
+"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (METHOD.md §5).
 
 Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchrec.batching.pack import iter_batches
+from patchrec.batching.pack import Packer, iter_batches
 from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
 from patchrec.eval.beam import BeamProtocol, TitleTrie, beam_search, get_protocol
 from patchrec.eval.exact import CatalogTitles, score_titles
 from patchrec.eval.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
+from patchrec.persrec.llm import state_rows
 
 RANKINGS = ("exact", "beam")
 # Samples per rank_samples call: bounds the [B, N] score matrix; the packer still batches by max_rows.
@@ -99,9 +100,6 @@ def persrec_state_stats(
     """Size of the per-sample PerSRec state the ``on`` cache keeps (keys + values of every layer, in the
     model's dtype): mean rows and bytes per sample, also without the prompt prefix (the same for every user,
     so it could be stored once)."""
-    from patchrec.batching.pack import Packer
-    from patchrec.persrec.llm import state_rows
-
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dtype = next(model.parameters()).dtype

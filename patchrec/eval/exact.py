@@ -3,15 +3,16 @@ prompt run once per sample (METHOD.md §5, "a stronger protocol").
 
 How a title is scored without a forward pass per (prompt, title):
 
-1. ``encode_prompts`` runs the packed prompts (``iter_batches(answer=False)``) through the decoder with our
-   own loop over ``model.lm.model.layers`` (their modules, unchanged) and keeps every layer's keys/values
+1. ``encode_prompts`` runs the packed prompts (``iter_batches(answer=False)``) through the model's own
+   decoder (``PackedDecoder.decode`` with a recording ``PackedPlan``) and keeps every layer's keys/values
    after RoPE, plus the log-softmax at each prompt's last row (it predicts the first title token).
 2. ``forward_continuations`` runs continuation rows (title tokens, or beam-search tokens) whose RoPE positions
-   continue from the prompt length. In every layer their attention has two parts over disjoint key sets:
-   A = non-causal varlen attention over the cached prompt keys of their sample (``cu_seqlens_k``), and
-   B = causal varlen attention over the continuation's own keys. Softmax attention over the union of the two
-   key sets is exactly ``exp(lse_A - lse) * out_A + exp(lse_B - lse) * out_B`` with
-   ``lse = logaddexp(lse_A, lse_B)``, so the result equals a full forward of ``prompt ++ title``.
+   continue from the prompt length, through the same decoder with a ``ContinuationPlan``: in every layer
+   their attention has two parts over disjoint key sets, A = non-causal varlen attention over the cached
+   prompt keys of their sample, and B = causal varlen attention over the continuation's own keys. Softmax
+   attention over the union of the two key sets is exactly ``exp(lse_A - lse) * out_A + exp(lse_B - lse) *
+   out_B`` with ``lse = logaddexp(lse_A, lse_B)``, so the result equals a full forward of
+   ``prompt ++ title``.
 3. ``score_titles`` packs the (deduplicated) catalog titles padding-free, as many as fit in a row budget, and
    reads log p(title tokens, eot) from the output head on those rows only (in slices so the
    [rows, vocab] logits stay small).
@@ -19,16 +20,15 @@ How a title is scored without a forward pass per (prompt, title):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from patchrec.batching.pack import PackedBatch
 from patchrec.batching.tokens import TitleTable
-from patchrec_kernels.varlen_attention import varlen_attention
+from patchrec.model.attention import BlockPlan, ContinuationPlan, PackedPlan, PromptCache
+from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full
 
 # fp32 logits held at once by the output head ([rows, vocab] slices): 2^25 floats = 128 MiB.
 LOGIT_ELEMENTS = 1 << 25
@@ -79,57 +79,12 @@ class CatalogTitles:
         return self.tokens[self.offsets[u] : self.offsets[u + 1]]
 
 
-@dataclass
-class PromptCache:
-    """Per-layer keys/values (after RoPE) of a packed batch of prompts."""
-
-    keys: list[torch.Tensor]  # per layer [R, Hkv, D]
-    values: list[torch.Tensor]  # per layer [R, Hkv, D]
-    # int32 [Q+1], prompt rows of each sequence a continuation sees (persrec: state + final block rows)
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    lengths: torch.Tensor  # int64 [Q], prompt rows = RoPE position of the first continuation row
-    first_logprobs: torch.Tensor  # fp32 [Q, V], log p(first answer token | prompt)
-    sample_ids: torch.Tensor  # int64 [Q], index into the Samples
-
-
-def _layer_loop(
-    model, hidden: torch.Tensor, position_ids: torch.Tensor, attend: Callable[..., torch.Tensor]
-) -> torch.Tensor:
-    """The Llama decoder on [R, D] rows with a caller-chosen attention; returns final-normed hidden [R, D].
-
-    ``attend(layer, q[R, Hq, Dh], k[R, Hkv, Dh], v, scale)`` returns [R, Hq, Dh]. Everything else is the
-    layers' own modules, in the order ``LlamaDecoderLayer.forward`` applies them.
-    """
-    inner = model.lm.model
-    rows = hidden.shape[0]
-    cos, sin = inner.rotary_emb(hidden[None], position_ids[None])
-    for index, layer in enumerate(inner.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(rows, -1, attn.head_dim)
-        k = attn.k_proj(x).view(rows, -1, attn.head_dim)
-        v = attn.v_proj(x).view(rows, -1, attn.head_dim)
-        # [R, H, Dh] layout: cos/sin [R, Dh] broadcast over heads with unsqueeze_dim=1.
-        q, k = apply_rotary_pos_emb(q, k, cos[0], sin[0], unsqueeze_dim=1)
-        out = attend(index, q, k, v, attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(rows, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return inner.norm(hidden)
-
-
-def log_softmax_rows(model, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 [R, V] log-probabilities of the next token at ``hidden`` rows (small R only)."""
-    return torch.log_softmax(model.lm.lm_head(hidden).float(), dim=-1)
-
-
 def token_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """fp32 [R]: log p(labels[r] | row r), through the output head in slices of rows."""
-    vocab = model.lm.lm_head.out_features
-    step = max(1, LOGIT_ELEMENTS // max(vocab, 1))
+    """fp32 [R]: log p(labels[r] | row r), through the model's output head in slices of rows."""
+    step = max(1, LOGIT_ELEMENTS // max(model.vocab_size, 1))
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for lo in range(0, hidden.shape[0], step):
-        logits = model.lm.lm_head(hidden[lo : lo + step]).float()
+        logits = model.logits(hidden[lo : lo + step]).float()
         picked = logits.gather(1, labels[lo : lo + step, None]).squeeze(1)
         out[lo : lo + step] = picked - torch.logsumexp(logits, dim=-1)
     return out
@@ -142,47 +97,21 @@ def encode_prompts(model, batch: PackedBatch, *, persrec_cache: str = "on") -> P
     rows) and the final block, computed in one pass (``persrec_cache="off"``) or from a state built first
     from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``."""
     if batch.layout is not None:
-        from patchrec.persrec import llm
-
-        if persrec_cache not in llm.CACHE_MODES:
-            raise ValueError(f"--persrec-cache must be one of {llm.CACHE_MODES}, got {persrec_cache!r}")
-        return llm.encode_cached(model, batch) if persrec_cache == "on" else llm.encode_full(model, batch)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-
-    def attend(layer, q, k, v, scale):
-        keys.append(k)
-        values.append(v)
-        return varlen_attention(
-            q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale, validate=False
-        )
-
-    hidden = _layer_loop(model, model.embed(batch), batch.position_ids, attend)
+        if persrec_cache not in CACHE_MODES:
+            raise ValueError(f"--persrec-cache must be one of {CACHE_MODES}, got {persrec_cache!r}")
+        return encode_cached(model, batch) if persrec_cache == "on" else encode_full(model, batch)
+    plan = PackedPlan(batch.cu_seqlens, batch.max_seqlen, keep=True)
+    hidden = model.decode(model.embed(batch), batch.position_ids, plan)
     last = batch.cu_seqlens[1:].long() - 1
     return PromptCache(
-        keys=keys,
-        values=values,
+        keys=plan.keys,
+        values=plan.values,
         cu_seqlens=batch.cu_seqlens,
         max_seqlen=batch.max_seqlen,
         lengths=batch.cu_seqlens.diff().long(),
-        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)),
+        first_logprobs=model.logprobs(hidden.index_select(0, last)),
         sample_ids=batch.sample_ids,
     )
-
-
-def merge_attention(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from the two parts and their log-sum-exps."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    # fp32 weights whatever the model dtype: the two parts can differ by many orders of magnitude.
-    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
-    merged = weight_a * out_a.float() + weight_b * out_b.float()
-    return merged.to(out_a.dtype)
-
-
-# own(layer, k, v) -> (keys, values, cu_q, cu_k, max_q, max_k) of the continuation's causal part
-OwnKeys = Callable[[int, torch.Tensor, torch.Tensor], tuple]
 
 
 def forward_continuations(
@@ -192,30 +121,17 @@ def forward_continuations(
     position_ids: torch.Tensor,
     by_sample_cu: torch.Tensor,
     by_sample_max: int,
-    own: OwnKeys,
+    own: BlockPlan,
 ) -> torch.Tensor:
     """Final hidden states [T, D] of continuation rows that attend to their sample's cached prompt.
 
     token_ids, position_ids: [T], rows grouped by sample in the cache's order; ``by_sample_cu`` [Q+1] gives
-    each sample's rows (part A: non-causal over that sample's prompt keys). ``own`` supplies the keys/values
-    and offsets of part B (causal, bottom-right aligned), e.g. one sequence per title, or a beam's cached
-    tokens followed by its new one.
+    each sample's rows (part A: non-causal over that sample's prompt keys). ``own`` is part B (causal,
+    bottom-right aligned), e.g. one sequence per title, or a beam's cached tokens followed by its new one;
+    it records whatever its ``keep`` asks for.
     """
-    embeds = model.lm.get_input_embeddings()(token_ids)
-
-    def attend(layer, q, k, v, scale):
-        out_a, lse_a = varlen_attention(
-            q, cache.keys[layer], cache.values[layer], by_sample_cu, by_sample_max, causal=False, scale=scale,
-            cu_seqlens_k=cache.cu_seqlens, max_seqlen_k=cache.max_seqlen, return_lse=True, validate=False,
-        )  # fmt: skip
-        k_b, v_b, cu_q, cu_k, max_q, max_k = own(layer, k, v)
-        out_b, lse_b = varlen_attention(
-            q, k_b, v_b, cu_q, max_q, causal=True, scale=scale, cu_seqlens_k=cu_k, max_seqlen_k=max_k,
-            return_lse=True, validate=False,
-        )  # fmt: skip
-        return merge_attention(out_a, lse_a, out_b, lse_b)
-
-    return _layer_loop(model, embeds, position_ids, attend)
+    plan = ContinuationPlan(cache, by_sample_cu, by_sample_max, own)
+    return model.decode(model.embed_tokens(token_ids), position_ids, plan)
 
 
 def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -265,9 +181,7 @@ def score_titles(
         own_cu = torch.cat([starts, title_cu.new_full((1,), num_seq * n_tok)]).to(torch.int32)
         max_title = int(tlen.max())
 
-        def own(layer, k, v, own_cu=own_cu, max_title=max_title):
-            return k, v, own_cu, own_cu, max_title, max_title
-
+        own = BlockPlan(own_cu, max_title, own_cu, max_title)
         hidden = forward_continuations(model, cache, token_ids, position_ids, by_sample_cu, n_tok, own)
         logp = token_logprobs(model, hidden, t(labels).repeat(num_seq))
         sample_of_row = torch.arange(num_seq, device=device).repeat_interleave(n_tok)

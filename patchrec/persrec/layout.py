@@ -16,7 +16,7 @@ visible). Gradients reach the carried rows through the gather.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -166,6 +166,8 @@ class ItemRows:
     positions: np.ndarray  # int64 [R]: row index inside its sequence (the state's rows keep theirs)
     cu_rows: np.ndarray  # int64 [B+1]: rows of each sequence
     layout: BlockLayout
+    # rows whose input is a carried memory vector (the rolling layout), in the order the vectors are given
+    memory_row: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def item_rows(
@@ -220,3 +222,43 @@ def item_rows(
     if first_position is not None:
         positions = positions + np.repeat(np.asarray(first_position, dtype=np.int64), rows_per_seq)
     return ItemRows(int(cu_rows[-1]), item_row, token_row, token_slot, positions, cu_rows, layout)
+
+
+def block_rows(
+    block_seq: np.ndarray,
+    num_seqs: int,
+    *,
+    memory: np.ndarray,
+    items: np.ndarray,
+    tokens: np.ndarray,
+    carried: np.ndarray,
+    memory_position: np.ndarray,
+    item_position: np.ndarray,
+    token_position: np.ndarray,
+    context_rows: np.ndarray | None = None,
+) -> ItemRows:
+    """Rows of blocks ``[memory rows][items][T tokens]`` packed back to back (the window and rolling
+    layouts; every argument but ``num_seqs`` and ``context_rows`` is per block).
+
+    Block b has ``memory[b]`` memory rows at positions ``memory_position[b] + 0, 1, ...``, ``items[b]`` item
+    rows from ``item_position[b]`` and ``tokens[b]`` T rows from ``token_position[b]``; its last
+    ``carried[b]`` rows are visible to the later blocks of its sequence (``block_layout``). Token slots
+    count 0..tokens[b]-1 in every block.
+    """
+    block_seq = np.asarray(block_seq, dtype=np.int64)
+    memory, items, tokens, carried = (np.asarray(a, dtype=np.int64) for a in (memory, items, tokens, carried))
+    block_n = memory + items + tokens
+    layout = block_layout(block_n, carried, block_seq, num_seqs, context_rows)
+    start = _offsets(block_n)[:-1]
+    memory_row = np.repeat(start, memory) + ragged_arange(memory)
+    item_row = np.repeat(start + memory, items) + ragged_arange(items)
+    token_slot = ragged_arange(tokens)
+    token_row = np.repeat(start + memory + items, tokens) + token_slot
+    positions = np.empty(int(block_n.sum()), dtype=np.int64)
+    memory_position = np.asarray(memory_position, dtype=np.int64)
+    positions[memory_row] = np.repeat(memory_position, memory) + ragged_arange(memory)
+    positions[item_row] = np.repeat(np.asarray(item_position, dtype=np.int64), items) + ragged_arange(items)
+    positions[token_row] = np.repeat(np.asarray(token_position, dtype=np.int64), tokens) + token_slot
+    rows_per_seq = np.bincount(block_seq, weights=block_n, minlength=num_seqs).astype(np.int64)
+    return ItemRows(int(block_n.sum()), item_row, token_row, token_slot, positions, _offsets(rows_per_seq),
+                    layout, memory_row)  # fmt: skip

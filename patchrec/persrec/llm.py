@@ -15,6 +15,11 @@ and of all T rows (``BlockLayout.state_index``), never the old items.
 
 ``encode_state`` also folds new full segments into an existing state (pass it as ``context``), which is how a
 state is kept up to date when interactions arrive.
+
+Every pass is the model's own decoder call (``PackedDecoder.decode``) with a ``BlockPlan`` made from a
+``BlockLayout`` (``patchrec.model.attention``): the state enters as the plan's per-layer context keys/values
+and what the next pass needs (the new state, or the keys a continuation reads) is what the plan keeps. Another
+layout plugs in the same way: build its ``BlockLayout`` (and context), never a decoder of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import numpy as np
 import torch
 
 from patchrec.batching.pack import PackedBatch
+from patchrec.batching.plan import persrec_old_items
 from patchrec.data.dataset import ragged_arange
-from patchrec.eval.exact import PromptCache, _layer_loop, log_softmax_rows
-from patchrec.persrec.attention import block_keys, block_state, segmented_attention
+from patchrec.model.attention import BlockPlan, PromptCache
+from patchrec.persrec.attention import block_state
 from patchrec.persrec.layout import BlockLayout, block_layout
 from patchrec.persrec.sequence import PersrecState
 
@@ -72,19 +78,13 @@ def encode_state(
     """Run rows made only of carried blocks (the prefix and / or whole old segments, each ending in its T
     rows) against an optional earlier ``context`` state; returns the new state (context rows first, then the
     carried rows of these blocks, per sequence: ``layout.state_index``)."""
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-
-    def attend(layer, q, k, v, scale):
-        ck = None if context is None else context.keys[layer]
-        cv = None if context is None else context.values[layer]
-        keys.append(block_state(k, layout, ck))
-        values.append(block_state(v, layout, cv))
-        return segmented_attention(q, k, v, layout, scale=scale, context_k=ck, context_v=cv)
-
-    _layer_loop(model, embeds, position_ids, attend)
+    plan = BlockPlan.of_layout(layout, context_keys=None if context is None else context.keys,
+                               context_values=None if context is None else context.values,
+                               keep=layout.state_index)  # fmt: skip
+    model.decode(embeds, position_ids, plan)
     positions = block_state(position_ids, layout, None if context is None else context.positions)
-    return PersrecState(keys, values, positions, layout.cu_state.cpu().numpy(), np.asarray(next_position))
+    return PersrecState(plan.keys, plan.values, positions, layout.cu_state.cpu().numpy(),
+                        np.asarray(next_position))  # fmt: skip
 
 
 def encode_final(
@@ -103,20 +103,13 @@ def encode_final(
     q = len(final_rows)
     layout = block_layout(final_rows, np.zeros(q, dtype=np.int64), np.arange(q), q,
                           context_rows=state.rows()).to(device)  # fmt: skip
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-
-    def attend(layer, q_, k, v, scale):
-        ck, cv = state.keys[layer], state.values[layer]
-        keys.append(block_keys(k, layout, ck))
-        values.append(block_keys(v, layout, cv))
-        return segmented_attention(q_, k, v, layout, scale=scale, context_k=ck, context_v=cv)
-
-    hidden = _layer_loop(model, embeds, position_ids, attend)
+    plan = BlockPlan.of_layout(layout, context_keys=state.keys, context_values=state.values,
+                               keep=layout.key_index)  # fmt: skip
+    hidden = model.decode(embeds, position_ids, plan)
     last = layout.cu_q[1:].long() - 1
     return PromptCache(
-        keys=keys, values=values, cu_seqlens=layout.cu_k, max_seqlen=layout.max_k, lengths=lengths,
-        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)), sample_ids=sample_ids,
+        keys=plan.keys, values=plan.values, cu_seqlens=layout.cu_k, max_seqlen=layout.max_k, lengths=lengths,
+        first_logprobs=model.logprobs(hidden.index_select(0, last)), sample_ids=sample_ids,
     )  # fmt: skip
 
 
@@ -132,20 +125,14 @@ def encode_full(model, batch: PackedBatch) -> PromptCache:
     final_keys = layout.key_index.index_select(0, pick)  # rows of the batch: no context here
     cu = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=cu[1:])
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-
-    def attend(layer, q, k, v, scale):
-        keys.append(k.index_select(0, final_keys))
-        values.append(v.index_select(0, final_keys))
-        return segmented_attention(q, k, v, layout, scale=scale)
-
-    hidden = _layer_loop(model, model.embed(batch), batch.position_ids, attend)
+    plan = BlockPlan.of_layout(layout, keep=final_keys)
+    hidden = model.decode(model.embed(batch), batch.position_ids, plan)
     last = batch.cu_seqlens[1:].long() - 1
     return PromptCache(
-        keys=keys, values=values, cu_seqlens=torch.as_tensor(cu.astype(np.int32), device=last.device),
+        keys=plan.keys, values=plan.values,
+        cu_seqlens=torch.as_tensor(cu.astype(np.int32), device=last.device),
         max_seqlen=int(counts.max(initial=1)), lengths=batch.cu_seqlens.diff().long(),
-        first_logprobs=log_softmax_rows(model, hidden.index_select(0, last)), sample_ids=batch.sample_ids,
+        first_logprobs=model.logprobs(hidden.index_select(0, last)), sample_ids=batch.sample_ids,
     )  # fmt: skip
 
 
@@ -179,8 +166,6 @@ def encode_cached(model, batch: PackedBatch) -> PromptCache:
 
 def state_rows(prefix_rows: int, lengths: np.ndarray, segment: int, tokens: int) -> np.ndarray:
     """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment."""
-    from patchrec.batching.plan import persrec_old_items
-
     return prefix_rows + persrec_old_items(np.asarray(lengths, dtype=np.int64), segment) // segment * tokens
 
 

@@ -59,7 +59,7 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     from patchrec.batching.tokens import load_tokenizer
-    from patchrec.model.llama import PackedLlama, llama_config
+    from patchrec.model.decoder import PackedDecoder, llama_config
     from patchrec.train.checkpoint import save_model_dir
     from patchrec.train.parallel import param_groups
 
@@ -106,5 +106,5 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
     seconds = time.perf_counter() - start
     model_dir = Path(out) / "model"
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    save_model_dir(model_dir, PackedLlama(lm.eval()), tokenizer)
+    save_model_dir(model_dir, PackedDecoder(lm.eval()), tokenizer)
     return CatalogTextResult(model_dir, seconds, loss_value, tokens / max(seconds, 1e-9))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedDecoder
 
 STATE_FILE = "trainer_state.pt"
 # Test hook (tests/test_crash.py): ``PATCHREC_KILL_AT=POINT:N[:RANK]`` makes the process SIGKILL itself the
@@ -81,7 +81,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 
 
 def save_model_dir(
-    path: Path, model: PackedLlama, tokenizer, extra: Callable[[Path], None] | None = None,
+    path: Path, model: PackedDecoder, tokenizer, extra: Callable[[Path], None] | None = None,
     dtype: torch.dtype | None = None,
 ) -> None:  # fmt: skip
     """Model (its tensors cast to ``dtype`` when given) + tokenizer (and whatever ``extra`` writes into the
@@ -122,7 +122,7 @@ def save_checkpoint(
 ) -> Path:  # fmt: skip
     """Write ``checkpoints/step-N`` atomically, point ``checkpoints/latest`` at it, drop old checkpoints.
 
-    ``model`` is a plain ``PackedLlama`` and ``optimizer_state`` the full ``optimizer.state_dict()``-layout
+    ``model`` is a plain ``PackedDecoder`` and ``optimizer_state`` the full ``optimizer.state_dict()``-layout
     state (``patchrec.train.parallel``); ``info`` goes into ``state.json`` only (e.g. the world size).
     Everything goes into a hidden temporary directory first; only a complete directory is renamed into place
     and only then does ``latest`` move, so a crash at any point leaves the previous checkpoint usable."""

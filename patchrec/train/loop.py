@@ -18,7 +18,7 @@ Output directory::
     tokenizer/                only when a BPE was trained on the titles
     checkpoints/step-000040/  model (safetensors) + tokenizer + trainer_state.pt + state.json
     checkpoints/latest        name of the newest complete checkpoint
-    model/                    final model + tokenizer (PackedLlama.from_pretrained, load_tokenizer)
+    model/                    final model + tokenizer (PackedDecoder.from_pretrained, load_tokenizer)
 
 Exact resume. The samples of step ``s`` and their random plans are a pure function of (seed, s), so a
 checkpoint stores the step only; with the optimizer, scheduler and RNG states restored, the resumed run
@@ -58,8 +58,8 @@ from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
 from patchrec.data.synthetic import SyntheticConfig
 from patchrec.model.backbone import has_tokenizer, is_gguf
-from patchrec.model.llama import PRESETS as MODEL_PRESETS
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PRESETS as MODEL_PRESETS
+from patchrec.model.decoder import PackedDecoder
 from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
     kill_point,
     latest_checkpoint,
@@ -202,7 +202,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 # ---- validation --------------------------------------------------------------------------------------------
 def validate(
-    model: PackedLlama, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
+    model: PackedDecoder, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
     ctx: DistContext | None = None, mode: str | None = None, device: torch.device | None = None,
 ) -> dict | None:  # fmt: skip
     """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.eval.evaluate`` is not installed.
@@ -345,8 +345,9 @@ def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | N
     """fp32 master weights whatever the checkpoint's dtype (a bf16 checkpoint trained in bf16 would round
     away most updates at fine-tuning learning rates)."""
     if checkpoint is not None or init_dir is not None:
-        return PackedLlama.from_pretrained(checkpoint or init_dir, vocab_size=vocab_size, dtype=torch.float32)
-    return PackedLlama.from_preset(config.init, vocab_size, seed=config.seed).float()
+        return PackedDecoder.from_pretrained(checkpoint or init_dir, vocab_size=vocab_size,
+                                             dtype=torch.float32)  # fmt: skip
+    return PackedDecoder.from_preset(config.init, vocab_size, seed=config.seed).float()
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 wrappers of a ``PackedLlama`` for data-parallel training; its world-size independent state.
+"""DDP and FSDP2 wrappers of a ``PackedDecoder`` for data-parallel training; its world-size independent state.
 
 - ``ddp``: ``DistributedDataParallel``, one full replica per rank; gradients are all-reduced in buckets
   during the last micro-batch's backward (``no_sync`` before it). Buffers are not broadcast (the only ones are
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchrec.model.llama import PackedLlama
+from patchrec.model.decoder import PackedDecoder
 from patchrec.train.config import PARALLEL
 from patchrec.train.distributed import DistContext
 
@@ -53,7 +53,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, 
 
 
 def wrap(
-    model: PackedLlama, mode: str | None, ctx: DistContext, device: torch.device, bf16: bool
+    model: PackedDecoder, mode: str | None, ctx: DistContext, device: torch.device, bf16: bool
 ) -> nn.Module:
     """``model`` (on ``device``, fp32) ready for ``mode``; None returns it unchanged."""
     if mode is None:
@@ -81,7 +81,7 @@ def wrap(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The ``PackedLlama`` inside a DDP wrapper (an FSDP2 model is its own module)."""
+    """The ``PackedDecoder`` inside a DDP wrapper (an FSDP2 model is its own module)."""
     return getattr(model, "module", model)
 
 
@@ -111,14 +111,13 @@ def _full_options(**kwargs):
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
-def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> PackedLlama:
-    """A plain ``PackedLlama`` with ``model``'s config and buffers and the full weights ``state`` (no random
+def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> PackedDecoder:
+    """A plain ``PackedDecoder`` with ``model``'s config and buffers and the full weights ``state`` (no random
     init: built on the meta device, then materialised)."""
-    from transformers import LlamaForCausalLM
-
+    source = unwrap(model).lm
     with torch.device("meta"):
-        lm = LlamaForCausalLM(unwrap(model).lm.config)
-    plain = PackedLlama(lm).to_empty(device=device)
+        lm = type(source)(source.config)  # the model's own family class
+    plain = PackedDecoder(lm).to_empty(device=device)
     plain.lm.tie_weights()  # to_empty gives each module of a tied pair its own tensor
     plain.load_state_dict(state, strict=True)
     own = dict(plain.named_buffers())
@@ -129,7 +128,7 @@ def plain_copy(model: nn.Module, state: dict[str, torch.Tensor], device: torch.d
 
 
 def gather_full_model(model: nn.Module, mode: str | None, device: torch.device, *, all_ranks: bool):
-    """A plain ``PackedLlama`` with the full current weights: FSDP gathers them (to rank 0 in CPU memory, or
+    """A plain ``PackedDecoder`` with the full current weights: FSDP gathers them (to rank 0 in CPU memory, or
     with ``all_ranks`` to every rank on ``device``; a collective), otherwise it is the model itself. Ranks
     without a copy get None."""
     if mode != "fsdp":
