@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, measured_seconds, sync
+from machine import DEVICE, DTYPE, HAS_CUDA, PRESET, SHARED, device_name, measure_peak, measured_seconds, sync
 
 DATA = SHARED / "data" / "patchrec" / "ml-1m"
 TOKENIZER = SHARED / "tokenizers" / "llama3"
@@ -61,40 +59,6 @@ GROUP = "train_step"
 
 
 
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure_peak(fn) -> tuple[int, str]:
-    """Peak bytes allocated by one call of ``fn`` above what was held before it, and how it was measured."""
-    if HAS_CUDA:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated - allocated before"
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    return peak[0] - base, "cpu RSS sampled every 1 ms (/proc/self/statm) - RSS before"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ On CUDA the benches use Llama-3.2-1B shapes in bf16 (random weights, no hub); on
 fp32, so that the whole suite stays within minutes.
 """
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -30,3 +33,37 @@ def measured_seconds(benchmark, stat: str = "median") -> float:
     as a smoke test: the rates derived from it are NaN rather than an error)."""
     stats = benchmark.stats
     return float(getattr(stats.stats, stat)) if stats is not None else float("nan")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_peak(fn) -> tuple[int, str]:
+    """Peak bytes allocated by one call of ``fn`` above what was held before it, and how it was measured."""
+    if HAS_CUDA:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated - allocated before"
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return peak[0] - base, "cpu RSS sampled every 1 ms (/proc/self/statm) - RSS before"

@@ -1,7 +1,7 @@
 """Realistic packed shapes for the benches: ML-1M titles tokenised with Llama-3, laid out by PFT plans.
 
 A history is a list of items, each a title (its Llama-3 token ids). A plan turns it into output rows, each a
-list of segments, each a list of token ids (see docs/METHOD.md §2-3):
+list of segments, each a list of token ids (see docs/docs/method.md §2-3):
 - text item: one row per token (one segment of one token);
 - item patch: one row, one segment (the title);
 - session patch: one row, one segment per item of the group.

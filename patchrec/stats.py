@@ -1,6 +1,6 @@
 """Dataset statistics and compression ratios (``patchrec stats``).
 
-Definitions (METHOD.md §3-4):
+Definitions (docs/method.md §3-4):
 
 - ``users``: users in the release; ``items``: catalog size (every title, ranked at evaluation);
   ``interactions``: all user-item events; ``max_interactions`` / ``avg_interactions``: per user.

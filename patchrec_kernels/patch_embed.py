@@ -4,8 +4,9 @@
 segment of one token, an item patch a row with one segment (the title's tokens), a session patch a row with
 several segments (one per item). Every row of every plan is the same op, so there is no padding anywhere.
 
-Layout (see docs/DESIGN.md): Triton kernels, then plain launchers (reused by the benches), then the
-autograd.Function, then the public op, which alone may fall back to the pure-PyTorch reference.
+Layout: Triton kernels, then plain launchers (reused by the benches), then the launchers as ``torch.library``
+custom ops (``patchrec::patch_embed`` and its backward, with shape functions and FLOP formulas) and the
+autograd.Function over them, then the public op, which alone may fall back to the pure-PyTorch reference.
 
 Both directions use one precomputed per-token fp32 scale ``1 / (segments in its row * tokens in its
 segment)``: it turns the mean of means into a single weighted sum, so a program can load a [BLOCK_T, BLOCK_D]
@@ -16,7 +17,9 @@ tile of tokens regardless of which segment each token belongs to. It costs 4 byt
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
+from patchrec_kernels.patch_embed_checks import check_structure, check_values
 from patchrec_kernels.runtime import HAS_TRITON, launch_device, triton_can_run, validation_enabled
 
 if HAS_TRITON:
@@ -25,8 +28,6 @@ if HAS_TRITON:
 else:  # pragma: no cover - non-Linux installs have no Triton; the public op uses the reference
     triton = None
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _BACKENDS = ("auto", "triton", "reference")
 # 16 tokens x at most 256 columns keeps a tile at most 4K elements (16 KiB of fp32 accumulators per program
 # at 4 warps), large enough to keep many loads in flight per program without spilling registers.
@@ -306,83 +307,95 @@ def patch_embed_bwd(
     return out.copy_(grad_acc)
 
 
+# ------------------------------------------------------------------------------ torch.library ops
+#
+# The Triton launchers as custom ops, so that torch.compile (and FakeTensor / meta tracing, FlopCounterMode)
+# sees one opaque op with a shape function instead of tracing into Triton's launcher or its CPU interpreter.
+# Index tensors are data, not shapes: nothing here depends on their values at trace time, so a new packed
+# batch (other T, S, R) reuses a graph compiled with dynamic shapes.
+
+
+@torch.library.custom_op("patchrec::patch_embed", mutates_args=())
+def patch_embed_op(
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    row_offsets: torch.Tensor,
+    deterministic: bool,
+) -> torch.Tensor:
+    """``patchrec::patch_embed``: the fused forward (Triton; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    No checks: ``patch_embed`` checks first. ``deterministic`` only selects the backward's mode; it is an
+    argument so that the op's autograd can read it.
+    """
+    return patch_embed_fwd(weight, token_ids, seg_offsets, row_offsets)
+
+
+@patch_embed_op.register_fake
+def _patch_embed_fake(weight, token_ids, seg_offsets, row_offsets, deterministic):
+    return weight.new_empty((row_offsets.shape[0] - 1, weight.shape[1]))
+
+
+@torch.library.custom_op("patchrec::patch_embed_backward", mutates_args=())
+def patch_embed_backward_op(
+    grad_out: torch.Tensor,
+    token_ids: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    row_offsets: torch.Tensor,
+    num_embeddings: int,
+    deterministic: bool,
+) -> torch.Tensor:
+    """``patch_embed_bwd`` as ``patchrec::patch_embed_backward``: the dense [V, D] gradient of the table."""
+    return patch_embed_bwd(
+        grad_out, token_ids, seg_offsets, row_offsets, num_embeddings, deterministic=deterministic
+    )
+
+
+@patch_embed_backward_op.register_fake
+def _patch_embed_backward_fake(grad_out, token_ids, seg_offsets, row_offsets, num_embeddings, deterministic):
+    return grad_out.new_empty((num_embeddings, grad_out.shape[1]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    weight, token_ids, seg_offsets, row_offsets, deterministic = inputs
+    ctx.save_for_backward(token_ids, seg_offsets, row_offsets)
+    ctx.num_embeddings = weight.shape[0]  # a SymInt under dynamic shapes
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_out):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    grad_weight = patch_embed_backward_op(grad_out, *ctx.saved_tensors, ctx.num_embeddings, ctx.deterministic)
+    return grad_weight, None, None, None, None
+
+
+patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.patchrec.patch_embed)
+def _patch_embed_flop(weight_shape, token_ids_shape, *args, out_shape=None, **kwargs) -> int:
+    # One multiply (by the token's 1 / (segments * tokens) weight) and one add per token and column.
+    return 2 * token_ids_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.patchrec.patch_embed_backward)
+def _patch_embed_backward_flop(grad_out_shape, token_ids_shape, *args, out_shape=None, **kwargs) -> int:
+    # The mirror image: each token adds its row's scaled gradient to its embedding row.
+    return 2 * token_ids_shape[0] * grad_out_shape[1]
+
+
 class PatchEmbedFunction(torch.autograd.Function):
-    """Fused forward and backward; gradients flow to ``weight`` only (index tensors get None)."""
+    """The public op's autograd node on the Triton path: ``patchrec::patch_embed`` forward, the
+    ``patchrec::patch_embed_backward`` op backward (the op's own autograd registration does the same for
+    direct callers of ``torch.ops.patchrec.patch_embed``). Gradients flow to ``weight`` only."""
 
     @staticmethod
-    def forward(ctx, weight, token_ids, seg_offsets, row_offsets, deterministic=True):
-        scale = token_scale(seg_offsets, row_offsets, token_ids.numel())
-        out = patch_embed_fwd(weight, token_ids, seg_offsets, row_offsets, scale=scale)
-        ctx.save_for_backward(token_ids, seg_offsets, row_offsets, scale)
-        ctx.num_embeddings = weight.shape[0]
-        ctx.deterministic = deterministic
-        return out
+    def forward(weight, token_ids, seg_offsets, row_offsets, deterministic=True):
+        return patch_embed_op(weight, token_ids, seg_offsets, row_offsets, deterministic)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        token_ids, seg_offsets, row_offsets, scale = ctx.saved_tensors
-        grad_weight = patch_embed_bwd(
-            grad_out, token_ids, seg_offsets, row_offsets, ctx.num_embeddings,
-            deterministic=ctx.deterministic, scale=scale,
-        )  # fmt: skip
-        return grad_weight, None, None, None, None
-
-
-def _check_structure(weight, token_ids, seg_offsets, row_offsets) -> None:
-    """Shape, dtype and device checks: free (no device reads), so they always run."""
-    if weight.ndim != 2 or weight.dtype not in _FLOAT_DTYPES:
-        got = f"{weight.dtype} with shape {tuple(weight.shape)}"
-        raise ValueError(f"weight must be a 2-D float32/bfloat16/float16 tensor [V, D], got {got}")
-    indices = {"token_ids": token_ids, "seg_offsets": seg_offsets, "row_offsets": row_offsets}
-    for name, tensor in indices.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.ndim != 1 or tensor.dtype not in _INDEX_DTYPES:
-            got = f"{tensor.dtype} with shape {tuple(tensor.shape)}"
-            raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {got}")
-        if tensor.device != weight.device:
-            raise ValueError(f"{name} is on {tensor.device} but weight is on {weight.device}")
-    for name, tensor in (("seg_offsets", seg_offsets), ("row_offsets", row_offsets)):
-        if tensor.numel() == 0:
-            raise ValueError(f"{name} must hold at least one element (the leading 0)")
-    num_rows, num_segments = row_offsets.numel() - 1, seg_offsets.numel() - 1
-    # Emptiness mismatches are visible from the shapes alone, so catch them even with validation off.
-    if (num_rows == 0) != (num_segments == 0):
-        raise ValueError(
-            f"row_offsets describes {num_rows} rows over {num_segments} segments: every row needs at least "
-            "one segment and every segment belongs to a row"
-        )
-    if (num_segments == 0) != (token_ids.numel() == 0):
-        raise ValueError(
-            f"seg_offsets describes {num_segments} segments over {token_ids.numel()} tokens: every segment "
-            "needs at least one token and every token belongs to a segment"
-        )
-
-
-def _check_offsets(name: str, offsets: torch.Tensor, length: int, what: str) -> list:
-    steps = offsets[1:] - offsets[:-1]
-    return [
-        (offsets[0] != 0, f"{name} must start at 0"),
-        (offsets[-1] != length, f"{name} must end at the number of {what} ({length})"),
-        ((steps < 0).any(), f"{name} must be non-decreasing"),
-        ((steps == 0).any(), f"{name} has an empty entry (two equal offsets); each needs >= 1 of {what}"),
-    ]
-
-
-def _check_values(weight, token_ids, seg_offsets, row_offsets) -> None:
-    """Checks that read index values. All conditions go to the host in one transfer: a single sync."""
-    num_embeddings = weight.shape[0]
-    checks = _check_offsets("seg_offsets", seg_offsets, token_ids.numel(), "tokens")
-    checks += _check_offsets("row_offsets", row_offsets, seg_offsets.numel() - 1, "segments")
-    if token_ids.numel():
-        bad_ids = ((token_ids < 0) | (token_ids >= num_embeddings)).any()
-        checks.append((bad_ids, f"token_ids must lie in [0, {num_embeddings}) (the rows of weight)"))
-    failed = torch.stack([torch.as_tensor(flag, device=weight.device) for flag, _ in checks]).tolist()
-    for bad, (_, message) in zip(failed, checks, strict=True):
-        if bad:
-            raise ValueError(message)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def patch_embed(
@@ -418,6 +431,9 @@ def patch_embed(
             behaviour (out-of-range ids read out of bounds). Shape, dtype and device checks always run.
         backend: "auto" (Triton when it can run on ``weight``'s device: CUDA, or CPU under
             ``TRITON_INTERPRET=1``; else the reference), "triton" (ValueError if it cannot run), "reference".
+            The Triton path is the ``patchrec::patch_embed`` custom op (torch.compile, FakeTensor and meta
+            tracing, FlopCounterMode see it as one op); meta tensors take it too, for shapes and FLOPs. The
+            reference is plain PyTorch that compile traces.
 
     Returns:
         [R, D] in ``weight``'s dtype, accumulated in fp32.
@@ -427,10 +443,11 @@ def patch_embed(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    _check_structure(weight, token_ids, seg_offsets, row_offsets)
-    if validation_enabled(validate):
-        _check_values(weight, token_ids, seg_offsets, row_offsets)
-    can_run = triton_can_run(weight)
+    check_structure(weight, token_ids, seg_offsets, row_offsets)
+    # Meta tensors (shape tracing, FLOP counting) have no values to check and take the op's shape function.
+    if validation_enabled(validate) and not weight.is_meta:
+        check_values(weight, token_ids, seg_offsets, row_offsets)
+    can_run = triton_can_run(weight) or weight.is_meta
     if backend == "triton" and not can_run:
         raise ValueError(
             f"backend='triton' cannot run on a {weight.device.type} tensor here (Triton needs CUDA, or "
@@ -439,5 +456,6 @@ def patch_embed(
     if backend == "reference" or not can_run:
         from patchrec_kernels.reference.patch_embed import patch_embed_reference
 
+        # Plain PyTorch with static output sizes: torch.compile traces it like any other code.
         return patch_embed_reference(weight, token_ids, seg_offsets, row_offsets)
     return PatchEmbedFunction.apply(weight, token_ids, seg_offsets, row_offsets, deterministic)

@@ -5,7 +5,8 @@ Backends, in the order ``backend="auto"`` tries them:
   head_dim <= 256).
 - ``"torch"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA sm80+, fp16/bf16, head_dim <= 256), when the
   installed torch has it; with ``return_lse`` only when that torch can return the log-sum-exp.
-- ``"reference"``: ``patchrec_kernels.reference.varlen_attention`` (any device, any float dtype).
+- ``"reference"``: ``patchrec_kernels.reference.varlen_attention`` (any device, any float dtype), run as
+  the ``patchrec::varlen_attention`` custom op (``patchrec_kernels.varlen_ops``).
 
 All backends share one contract (see ``varlen_attention``): bottom-right causal alignment, the same GQA
 head mapping, and the same token-major lse layout, so that partial results from different backends can be
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from patchrec_kernels import runtime
 from patchrec_kernels.runtime import validation_enabled
+from patchrec_kernels.varlen_ops import varlen_attention_op
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,43 @@ def _torch_varlen_params() -> frozenset[str] | None:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# The probes below read the installation and the device, never tensor data. torch.compile takes their
+# answers as constants of the graph (assume_constant_result) rather than tracing into importlib, inspect or
+# the CUDA runtime; the lru_caches stay underneath so that every eager call pays for each probe once.
+
+
+@torch.compiler.assume_constant_result
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@torch.compiler.assume_constant_result
+def _flash_attn_problem() -> str | None:
+    return runtime.flash_attn_problem()
+
+
+@torch.compiler.assume_constant_result
+def _torch_varlen_problem(return_lse: bool) -> str | None:
+    params = _torch_varlen_params()
+    if params is None:
+        return "this torch has no torch.nn.attention.varlen.varlen_attn"
+    if "window_size" not in params and "is_causal" not in params:
+        return "this torch's varlen_attn takes neither window_size nor is_causal"
+    if return_lse and "return_aux" not in params:
+        return "this torch's varlen_attn cannot return the log-sum-exp (no return_aux)"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _torch_varlen_takes(name: str) -> bool:
+    return name in _torch_varlen_params()
+
+
 def _cuda_problem(q: torch.Tensor) -> str | None:
     """Why a flash kernel cannot take ``q``'s device, or None. Split out so tests can fake a GPU."""
     if not q.is_cuda:
         return f"needs a CUDA tensor, got device {q.device}"
-    if torch.cuda.get_device_capability(q.device) < _FUSED_MIN_CAPABILITY:
+    if _compute_capability(q.device) < _FUSED_MIN_CAPABILITY:
         return f"needs compute capability >= {_FUSED_MIN_CAPABILITY}"
     return None
 
@@ -72,19 +106,25 @@ def _fused_problem(q: torch.Tensor) -> str | None:
 
 
 def _backend_problem(name: str, q: torch.Tensor, return_lse: bool) -> str | None:
-    """Why backend ``name`` cannot run this call, or None when it can."""
+    """Why backend ``name`` cannot run this call, or None when it can.
+
+    The tensor's own limits (dtype, head_dim, device) come first: they cost nothing, and on a CPU tensor
+    they settle the answer before any package is probed.
+    """
     if name == "reference":
         return None
+    problem = _fused_problem(q)
+    if problem is not None:
+        return problem
     if name == "flash_attn":
-        return runtime.flash_attn_problem() or _fused_problem(q)
-    params = _torch_varlen_params()
-    if params is None:
-        return "this torch has no torch.nn.attention.varlen.varlen_attn"
-    if "window_size" not in params and "is_causal" not in params:
-        return "this torch's varlen_attn takes neither window_size nor is_causal"
-    if return_lse and "return_aux" not in params:
-        return "this torch's varlen_attn cannot return the log-sum-exp (no return_aux)"
-    return _fused_problem(q)
+        return _flash_attn_problem()
+    return _torch_varlen_problem(return_lse)
+
+
+def _log_choice(message: str, *args) -> None:
+    # Logging inside a compiled region is a graph break (dynamo does not trace it): eager calls log only.
+    if not torch.compiler.is_compiling():
+        logger.debug(message, *args)
 
 
 def resolve_varlen_backend(q: torch.Tensor, *, backend: str = "auto", return_lse: bool = False) -> str:
@@ -97,16 +137,16 @@ def resolve_varlen_backend(q: torch.Tensor, *, backend: str = "auto", return_lse
         for name in BACKENDS:
             problem = _backend_problem(name, q, return_lse)
             if problem is None:
-                logger.debug("varlen_attention: backend=%s (auto)", name)
+                _log_choice("varlen_attention: backend=%s (auto)", name)
                 return name
-            logger.debug("varlen_attention: skipping %s: %s", name, problem)
+            _log_choice("varlen_attention: skipping %s: %s", name, problem)
         raise AssertionError("unreachable: the reference backend always runs")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     problem = _backend_problem(backend, q, return_lse)
     if problem is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {problem}")
-    logger.debug("varlen_attention: backend=%s (requested)", backend)
+    _log_choice("varlen_attention: backend=%s (requested)", backend)
     return backend
 
 
@@ -140,7 +180,8 @@ def _check_offset_values(name: str, offsets: torch.Tensor, total: int, max_name:
 
 
 def _check_max(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    # torch.compile with dynamic shapes hands a python int in as a SymInt.
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return value
 
@@ -185,7 +226,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, v
             lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
             max_seqlen_k = int(lengths_k.max().item()) if lengths_k.numel() else 0
         max_seqlen_k = _check_max("max_seqlen_k", max_seqlen_k)
-    if validation_enabled(validate):
+    # Meta tensors (shape tracing, FLOP counting) have no values to check.
+    if validation_enabled(validate) and not q.is_meta:
         _check_offset_values("cu_seqlens", cu_seqlens, q.shape[0], "max_seqlen", max_seqlen)
         if cu_seqlens_k is not None:
             _check_offset_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
@@ -241,23 +283,29 @@ def _warn_torch_backward_not_deterministic() -> None:
     )
 
 
+@torch.compiler.assume_constant_result
+def _note_torch_backward_not_deterministic() -> bool:
+    # Warns (once) when called; torch.compile calls it once while tracing instead of tracing logging.
+    _warn_torch_backward_not_deterministic()
+    return True
+
+
 def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, want_lse, deterministic):
     from torch.nn.attention import varlen as torch_varlen
 
     # torch's varlen_attn has no per-call switch: its backward reads the global deterministic flag.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if deterministic and needs_grad and not torch.are_deterministic_algorithms_enabled():
-        _warn_torch_backward_not_deterministic()
-    params = _torch_varlen_params()
+        _note_torch_backward_not_deterministic()
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     kwargs = {}
-    if "window_size" in params:
+    if _torch_varlen_takes("window_size"):
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)  # compared as a tuple inside torch
     else:
         kwargs["is_causal"] = causal
     if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
+        if _torch_varlen_takes("enable_gqa"):
             kwargs["enable_gqa"] = True
         else:  # older torch: give every query head its own copy of its kv head (same h // G mapping)
             group = q.shape[1] // k.shape[1]
@@ -267,7 +315,7 @@ def _torch_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, want
     pad = -head_dim % 8
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    if "scale" in params:
+    if _torch_varlen_takes("scale"):
         kwargs["scale"] = scale
     else:  # fold the scale into q so the kernel's default 1/sqrt(padded D) lands on it
         q = q * (scale * math.sqrt(head_dim + pad))
@@ -340,13 +388,11 @@ def varlen_attention(
     max_seqlen_k = _check_inputs(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, validate)
     name = resolve_varlen_backend(q, backend=backend, return_lse=return_lse)
     if name == "reference" or q.shape[0] == 0:
-        from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
-
-        out, lse = varlen_attention_reference(
-            q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, return_lse=True,
-        )  # fmt: skip
-        return (out, lse.detach()) if return_lse else out
+        # patchrec::varlen_attention: the reference as one op that torch.compile does not trace into.
+        out, lse = varlen_attention_op(
+            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale
+        )
+        return (out, lse.detach().float()) if return_lse else out
 
     # Both flash kernels read dense int32 offsets: a strided int32 view would be passed through unchanged.
     cu_q = cu_seqlens.to(torch.int32).contiguous()
@@ -361,7 +407,7 @@ def varlen_attention(
     else:
         # An older torch without return_aux only gets here without return_lse (see _backend_problem); it
         # then relies on the kernel's own zero output for rows with no key.
-        need_lse = need_lse and "return_aux" in _torch_varlen_params()
+        need_lse = need_lse and _torch_varlen_takes("return_aux")
         out, lse = _torch_varlen_forward(
             q, k, v, cu_q, cu_k, max_q, max_seqlen_k, causal, scale, need_lse, deterministic
         )

@@ -280,6 +280,27 @@ def test_fsdp_resumes_a_one_process_checkpoint(reference, tmp_path):
     assert_losses_close(logged_losses(out), ref_losses, [3, 4])
 
 
+def test_lora_on_two_ranks_reproduces_one_rank(tmp_path):
+    """DDP with LoRA (adapters and the markers' embedding rows trainable, everything else frozen): the 2-rank
+    losses, adapters and embedding rows are the single-process run's."""
+    from safetensors.torch import load_file
+
+    lora = RUN | {"max_steps": 3, "save_every": 0, "val_every": 0, "lora_r": 4, "train_embeddings": "new",
+                  "save": "adapter"}  # fmt: skip
+    one = train(config_of(tmp_path / "one", **lora))
+    out = tmp_path / "two"
+    argv = ["-m", "patchrec", "train", *cli_flags(SMALL | lora), "--preset", "tiny", "--out", str(out),
+            "--dist-timeout", "120"]  # fmt: skip
+    proc = run_ok(argv, cwd=Path(__file__).parents[1])
+    assert "finished at step 3/3 on 2 ranks" in proc.stdout
+    assert_losses_close(logged_losses(out), one.step_losses, [1, 2, 3])
+    for name in ("adapter_model.safetensors", "embeddings.safetensors"):
+        a, b = load_file(str(one.model_dir / name)), load_file(str(out / "model" / name))
+        assert sorted(a) == sorted(b) and len(a) > 1
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_sharded_eval_equals_single_process_eval(reference, tmp_path):
     from patchrec.cli import main
 

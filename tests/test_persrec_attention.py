@@ -1,4 +1,4 @@
-"""PerSRec's segment-isolated attention (patchrec.persrec) against the explicit dense mask of METHOD §6."""
+"""PerSRec's segment-isolated attention against the explicit dense mask (docs/method.md §6)."""
 
 from __future__ import annotations
 

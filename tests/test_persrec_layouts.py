@@ -16,12 +16,11 @@ from tiny_data import tiny_dataset
 
 from patchrec.baselines import HSTU, HSTUConfig, SASRec, SASRecConfig, TrainConfig, fit
 from patchrec.baselines.train import cu_seqlens_of, sample_scorer, training_windows
+from patchrec.batching.persrec_layouts import PersrecConfig, window_split
 from patchrec.data.dataset import gather_ragged, make_samples
-from patchrec.persrec.config import PersrecConfig
 from patchrec.persrec.rolling import rolling_hidden
 from patchrec.persrec.sequence import CachedUser, cached_scorer
 from patchrec.persrec.staleness import stale_scorer
-from patchrec.persrec.window import window_split
 
 pytestmark = pytest.mark.usefixtures("reference_ops_one_thread")
 

@@ -1,5 +1,5 @@
 """The LLM ``persrec`` plan: packed rows and blocks against a row-by-row reference, the packed forward and its
-gradients against transformers' eager Llama with PerSRec's dense mask (METHOD.md §6), cached (``on``) vs
+gradients against transformers' eager Llama with PerSRec's dense mask (docs/method.md §6), cached (``on``) vs
 uncached (``off``) scoring, beam search, training, the eval command and the flag errors."""
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def test_llm_state_folds_one_segment_at_a_time(setup):
     # The incremental path: the prefix state first, then each old segment folded into it, as interactions
     # arrive; the result equals the state split_state builds in one pass over prefix + all segments.
     _, _, _, td, samples = setup
-    from patchrec.persrec.layout import block_layout
+    from patchrec.batching.blocks import block_layout
     from patchrec.persrec.llm import Blocks, encode_state
 
     planner = make_planner("persrec", segment=SEGMENT, tokens=TOKENS)

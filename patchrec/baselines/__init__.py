@@ -2,7 +2,7 @@
 loop.
 
 They rank the whole catalog like the LLM models (``patchrec.eval.metrics``), on the same samples
-(METHOD.md §4), so their numbers sit in the same table.
+(docs/method.md §4), so their numbers sit in the same table.
 """
 
 from patchrec.baselines.gru4rec import GRU4Rec, GRU4RecConfig

@@ -31,7 +31,7 @@ Differences from the reference, on purpose:
 - one dropout rate, on the inputs and before ``f2`` as in the reference (whose separate attention-dropout
   rate is stored but never applied).
 
-PerSRec (``persrec_tokens`` k > 0, METHOD.md §6): k learnable vectors follow every old segment of
+PerSRec (``persrec_tokens`` k > 0, docs/method.md §6): k learnable vectors follow every old segment of
 ``persrec_segment`` items, attention is segment-isolated (``patchrec.persrec``), positions number the rows
 (items and T tokens) of a sequence, the relative bias reads the rows' positions (the cached state keeps its
 rows' positions), and ``patchrec.persrec.sequence`` gives the cached per-user state: per layer the T rows'
@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
+from patchrec.batching.blocks import BlockLayout, block_layout
 from patchrec.persrec.attention import block_keys
-from patchrec.persrec.layout import BlockLayout, ItemRows, block_layout
+from patchrec.persrec.layout import ItemRows
 from patchrec.persrec.sequence import persrec_hidden
 from patchrec.persrec.state import PersrecState
 

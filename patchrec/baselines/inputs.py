@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchrec.persrec.config import PersrecConfig
+from patchrec.batching.persrec_layouts import PersrecConfig
 from patchrec.persrec.layout import ItemRows
 
 

@@ -13,7 +13,7 @@ Differences from the released TF code, on purpose:
 - pre-norm blocks with queries, keys and values all from the normalised input (the TF code normalises the
   queries only), the common and more stable form; attention has an output projection.
 
-PerSRec (``persrec_tokens`` k > 0, METHOD.md §6): k learnable vectors follow every old segment of
+PerSRec (``persrec_tokens`` k > 0, docs/method.md §6): k learnable vectors follow every old segment of
 ``persrec_segment`` items, attention is segment-isolated (``patchrec.persrec``), positions number the rows
 (items and T tokens) of a sequence, and ``patchrec.persrec.sequence`` gives the cached per-user state.
 """
@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from patchrec.baselines.inputs import check_packed, embed_item_rows, persrec_config_of, persrec_embeddings
+from patchrec.batching.blocks import BlockLayout
 from patchrec.persrec.attention import segmented_attention
-from patchrec.persrec.layout import BlockLayout, ItemRows
+from patchrec.persrec.layout import ItemRows
 from patchrec.persrec.sequence import persrec_hidden
 from patchrec.persrec.state import PersrecState
 from patchrec_kernels.varlen_attention import varlen_attention

@@ -2,7 +2,7 @@
 
 Loss positions. A model reads a packed batch of item sequences and is trained with cross-entropy over the
 whole catalog at *every* position of every sequence (next item at each step), as in SASRec and GRU4Rec,
-not only at a sample's last position: the same training targets as the ``train`` samples of METHOD.md §4
+not only at a sample's last position: the same training targets as the ``train`` samples of docs/method.md §4
 (target positions ``idx >= 3`` inside the user's train range), but each target costs one position instead
 of a whole history of up to L items, so an epoch is ~L times cheaper. The price: a user's train prefix
 longer than L + 1 items is cut into windows of L + 1 items (from the newest backwards), and a target early in

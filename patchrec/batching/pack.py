@@ -12,13 +12,23 @@ state would predict nothing). Label ``i`` of a sequence with answer ``a_0..a_{m-
 row just before it: the last suffix row predicts ``a_0``, the row of ``a_{j-1}`` predicts ``a_j``, the row of
 ``a_{m-1}`` predicts ``eot``.
 
-PerSRec (``persrec`` plan, METHOD.md §6): after the separator that closes each full old-history segment the
-sequence gets the k personalization-token rows ``T_1..T_k`` (one row each), and the batch carries a
-``BlockLayout`` (``patchrec.persrec.layout``): block 0 of a sequence is the prompt prefix + ``<|start_seq|>``
-(carried: every later block sees it), then one block per old segment (its items and separators, then its T
-rows; the T rows are carried), then the final block (the recent items, ``<|end_seq|>``, the prompt suffix and
-the answer). In the slot grid the T rows are part of the separator slot (the source holds the separator
-followed by the T ids), so the layout costs no extra slots.
+PerSRec (``persrec`` plan; layouts in ``patchrec.batching.persrec_layouts``):
+
+- ``segments``: after the separator that closes each full old-history segment the sequence gets the k
+  personalization-token rows ``T_1..T_k`` (one row each), and the batch carries a ``BlockLayout``
+  (``patchrec.batching.blocks``): block 0 of a sequence is the prompt prefix + ``<|start_seq|>`` (carried:
+  every later block sees it), then one block per old segment (its items and separators, then its T rows; the
+  T rows are carried), then the final block (the recent items, ``<|end_seq|>``, the prompt suffix and the
+  answer). In the slot grid the T rows are part of the separator slot (the source holds the separator
+  followed by the T ids), so the layout costs no extra slots.
+- ``window``: the same with one old block, the old window (the items before the newest R); a history with no
+  old items puts the T rows right after ``<|start_seq|>`` (in the head block, carried with it).
+- ``rolling``: the prompt holds only the open segment (the newest 1..N items); right after ``<|start_seq|>``
+  come k **memory rows** (``memory_rows``), whose inputs are the user's memory: the T tokens' embeddings
+  before any segment is folded, else the final hidden states of the T rows of the last folded segment. The
+  folded segments travel with the batch as ``folds``: pass j holds segment j of every sequence that has it,
+  each as its own causal sequence ``[k memory rows][its N items and separators][T_1..T_k]``.
+  ``PackedDecoder.embed`` runs the passes and writes the memory rows (``patchrec.model.decoder``).
 
 Speed: nothing here loops over samples in Python. A chunk of samples is planned as ``[B, L]`` arrays, each
 sequence is laid out as ``2L+3`` "slots" (head, item/separator pairs, tail, answer), every non-empty slot is
@@ -34,14 +44,29 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from patchrec.batching.plan import DROP, PAD, TEXT, BatchPlan, Planner, persrec_old_items
+from patchrec.batching.blocks import BlockLayout, block_layout
+from patchrec.batching.persrec_layouts import PersrecConfig, old_items
+from patchrec.batching.plan import DROP, PAD, TEXT, BatchPlan, Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
-from patchrec.persrec.layout import BlockLayout, block_layout
 
 # Samples planned at once; bounds the [chunk, L] planning arrays (~10 MB at L = 100) while keeping numpy calls
 # large enough that per-call overhead is negligible.
 PLAN_CHUNK = 4096
+
+
+@dataclass
+class FoldPass:
+    """One fold pass of a rolling-layout batch: segment j of the sequences that have it."""
+
+    batch: PackedBatch  # one causal sequence per folded segment: [k memory rows][items][T rows], no labels
+    owner: torch.Tensor  # int64 [F], the sequence of the main batch each segment belongs to
+    memory_rows: torch.Tensor  # int64 [F*k], rows reading the memory (the first k of each sequence)
+    write_rows: torch.Tensor  # int64 [F*k], the T rows whose final hidden states are the next memory
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> FoldPass:
+        return FoldPass(self.batch.to(device, non_blocking), *(t.to(device, non_blocking=non_blocking)
+                        for t in (self.owner, self.memory_rows, self.write_rows)))  # fmt: skip
 
 
 @dataclass
@@ -69,6 +94,14 @@ class PackedBatch:
     # persrec only: attention blocks (prefix, old segments, final) instead of one causal block per sequence
     layout: BlockLayout | None = None
     block_carried: torch.Tensor | None = None  # int64 [NB], rows of each block visible to later blocks
+    # persrec rolling only: k memory rows per sequence (right after <|start_seq|>), the T ids whose embeddings
+    # are the initial memory, the fold passes (segment 0, 1, ...), where the gradient is cut, and optionally
+    # a memory computed elsewhere ([Q, k, D], e.g. a cached per-user state) that replaces the folds
+    memory_rows: torch.Tensor | None = None  # int64 [Q*k]
+    memory_ids: torch.Tensor | None = None  # int64 [k]
+    folds: list[FoldPass] | None = None
+    fold_unroll: int = 0  # detach the memory after every fold pass j with (j + 1) % fold_unroll == 0
+    memory: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -86,11 +119,19 @@ class PackedBatch:
                 value = value.to(device, non_blocking=non_blocking)
             elif isinstance(value, BlockLayout):
                 value = value.to(device)
+            elif f.name == "folds" and value is not None:
+                value = [fold.to(device, non_blocking) for fold in value]
             moved[f.name] = value
         return PackedBatch(**moved)
 
     def pin_memory(self) -> PackedBatch:
         pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        if pinned["folds"] is not None:
+            pinned["folds"] = [
+                FoldPass(f.batch.pin_memory(), f.owner.pin_memory(), f.memory_rows.pin_memory(),
+                         f.write_rows.pin_memory())
+                for f in pinned["folds"]
+            ]
         return PackedBatch(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in pinned.items()})
 
 
@@ -103,19 +144,20 @@ class Packer:
         titles, prompt = tokens.titles, tokens.prompt
         self.title_offsets = titles.offsets
         self.title_lengths = titles.lengths.astype(np.int32)
-        # One source array so that every slot is a range of it: titles, then head (prefix + start_seq),
-        # separator, tail (end_seq + suffix).
+        # One source array so that every slot is a range of it: titles, then head (prefix + start_seq), the T
+        # ids, separator, the T ids again, tail (end_seq + suffix): "head + T", "T" and "separator + T" are
+        # single ranges (PerSRec puts its T rows after either).
         head = np.concatenate([prompt.prefix, [prompt.start_seq]]).astype(np.int32)
         tail = np.concatenate([[prompt.end_seq], prompt.suffix]).astype(np.int32)
         base = len(titles.tokens)
         self.head_src, self.head_len = base, len(head)
-        self.sep_src = base + len(head)
-        self.tail_src, self.tail_len = self.sep_src + 1, len(tail)
-        # PerSRec's T tokens follow the separator, so "separator + T_1..T_k" is one source range.
         self.persrec_ids = np.asarray(tokens.persrec_ids, dtype=np.int32)
-        self.tail_src += len(self.persrec_ids)
+        k = len(self.persrec_ids)
+        self.t_src = base + len(head)
+        self.sep_src = self.t_src + k
+        self.tail_src, self.tail_len = self.sep_src + 1 + k, len(tail)
         self.source = np.concatenate(
-            [titles.tokens, head, [prompt.item_sep], self.persrec_ids, tail]
+            [titles.tokens, head, self.persrec_ids, [prompt.item_sep], self.persrec_ids, tail]
         ).astype(np.int32)
         self.eot = prompt.eot
 
@@ -130,14 +172,26 @@ class Packer:
         return np.where(valid, samples.dataset.items[idx], -1).astype(np.int64), lengths
 
     def slots(
-        self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray, persrec: tuple[int, int] | None = None
-    ) -> dict[str, np.ndarray]:
+        self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray,
+        persrec: PersrecConfig | tuple[int, int] | None = None,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         """Per sequence ``2L+3`` slots: source start, token count, whether each token is its own row
         (``run``) or the slot is one segment (patch), and whether that segment opens a new row.
 
-        ``persrec`` = (segment, tokens): the separator slot closing each full old segment also holds the
-        ``tokens`` T rows, and ``block_end`` marks the slots that close a block (see the module docstring)."""
+        ``persrec`` (a ``PersrecConfig``, or (segment, tokens) for the segments layout): the T rows go into
+        the slot that closes each old block, ``block_end`` marks those slots; the rolling layout keeps only
+        the open segment in the prompt, k memory rows after ``<|start_seq|>``, and the folded items for the
+        fold passes (see the module docstring)."""
+        config = _persrec_config(persrec)
+        if config is not None and config.tokens > len(self.persrec_ids):
+            have = len(self.persrec_ids)
+            raise ValueError(f"--persrec-tokens {config.tokens} but the tokenisation has {have} PerSRec "
+                             "tokens: tokenize_dataset(..., persrec_tokens=k)")  # fmt: skip
         kinds, group = plan.kinds, plan.group
+        before = np.where(kinds != PAD, self.title_lengths[np.maximum(items, 0)], 0).sum(axis=1)
+        fold = None
+        if config is not None and config.layout == "rolling":
+            fold, items, kinds, group = _split_folds(items, kinds, group, config)
         num, width = kinds.shape
         safe = np.maximum(items, 0)
         tlen = self.title_lengths[safe]
@@ -168,26 +222,40 @@ class Packer:
         src[:, -2], ntok[:, -2] = self.tail_src, self.tail_len
         src[:, -1] = self.title_offsets[targets]
         ntok[:, -1] = self.title_lengths[targets] if self.answer else 0
-        before = np.where(kinds != PAD, tlen, 0).sum(axis=1)
         after = np.where(kinds == TEXT, tlen, 0).sum(axis=1) + (opens & (kinds != TEXT)).sum(axis=1)
         out = {"src": src, "ntok": ntok, "run": run, "newrow": newrow}
-        if persrec is not None:
-            segment, tokens = persrec
-            if tokens > len(self.persrec_ids):
-                have = len(self.persrec_ids)
-                raise ValueError(f"--persrec-tokens {tokens} but the tokenisation has {have} PerSRec tokens: "
-                                 "tokenize_dataset(..., persrec_tokens=k)")  # fmt: skip
+        if config is not None:
             lengths = (kinds != PAD).sum(axis=1)
-            # The separator after item j closes an old segment when j + 1 is a multiple of segment inside the
-            # old items (every old item has a later kept item: the recent ones, so its separator exists).
-            j = np.arange(width)
-            closes = ((j + 1) % segment == 0) & (j + 1 <= persrec_old_items(lengths, segment)[:, None])
-            ntok[:, 2 : 2 * width + 2 : 2] += np.where(closes, tokens, 0).astype(np.int32)
-            block_end = np.zeros((num, 2 * width + 3), dtype=bool)
-            block_end[:, 0] = True
-            block_end[:, 2 : 2 * width + 2 : 2] = closes
-            out["block_end"] = block_end
-            after = after + closes.sum(axis=1) * tokens
+            k = config.tokens
+            if config.layout == "rolling":
+                ntok[:, 0] += k  # prefix + <|start_seq|> + k memory rows (the T ids as placeholders)
+                after = after + k
+                fitems = fold["fold_items"]
+                frows = np.where(fold["fold_text"][:, None], self.title_lengths[np.maximum(fitems, 0)], 1)
+                folded = (fitems >= 0).sum(axis=1)
+                # per segment: k memory rows, its items, N separators (the last one followed by k T rows)
+                per_item = np.where(fitems >= 0, frows, 0).sum(axis=1)
+                fold["fold_rows"] = per_item + folded + folded // config.segment * 2 * k
+                out |= fold | {"fold_segment": np.full(num, config.segment), "fold_tokens": np.full(num, k),
+                               "fold_unroll": np.full(num, config.unroll)}  # fmt: skip
+            else:
+                old = old_items(config, lengths)
+                j = np.arange(width)
+                if config.layout == "window":
+                    # One old block; a history without old items puts the T rows after <|start_seq|>.
+                    closes = (j + 1 == old[:, None]) & (old[:, None] > 0)
+                    ntok[:, 0] += np.where(old > 0, 0, k).astype(np.int32)
+                    after = after + k
+                else:
+                    # The separator after item j closes a segment when j + 1 is a multiple of the segment
+                    # inside the old items (every old item has a later kept item, so its separator exists).
+                    closes = ((j + 1) % config.segment == 0) & (j + 1 <= old[:, None])
+                    after = after + closes.sum(axis=1) * k
+                ntok[:, 2 : 2 * width + 2 : 2] += np.where(closes, k, 0).astype(np.int32)
+                block_end = np.zeros((num, 2 * width + 3), dtype=bool)
+                block_end[:, 0] = True
+                block_end[:, 2 : 2 * width + 2 : 2] = closes
+                out["block_end"] = block_end
         rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
         return out | {"rows": rows, "before": before, "after": after}
 
@@ -200,8 +268,7 @@ class Packer:
         views = planner.plan_batch(lengths, rng, progress, width)
         targets = samples.dataset.items[samples.target_index[ids]].astype(np.int64)
         if len(views) == 1:
-            persrec = (planner.segment, planner.tokens) if planner.is_persrec else None
-            out = self.slots(items, views[0], targets, persrec)
+            out = self.slots(items, views[0], targets, planner.persrec)
         else:
             v = len(views)
             kinds = np.stack([p.kinds for p in views], 1).reshape(-1, width)
@@ -214,7 +281,76 @@ class Packer:
 
     # ---- materialisation ---------------------------------------------------------------------------------
     def build(self, s: dict[str, np.ndarray]) -> PackedBatch:
-        """Slots of Q sequences -> PackedBatch."""
+        """Slots of Q sequences -> PackedBatch (with the rolling layout's memory rows and fold passes)."""
+        batch = self.materialize(s, self.answer)
+        if "fold_items" not in s:
+            return batch
+        q = batch.num_sequences
+        k = int(s["fold_tokens"][0]) if q else 0
+        cu = batch.cu_seqlens.numpy().astype(np.int64)
+        batch.memory_rows = torch.from_numpy((cu[:-1, None] + self.head_len + np.arange(k)).reshape(-1))
+        batch.memory_ids = torch.from_numpy(self.persrec_ids[:k].astype(np.int64))
+        batch.folds = self.fold_passes(s)
+        batch.fold_unroll = int(s["fold_unroll"][0]) if q else 0
+        return batch
+
+    def fold_passes(self, s: dict[str, np.ndarray]) -> list[FoldPass]:
+        """The rolling layout's fold passes: pass j holds segment j of every sequence with more than j
+        folded segments, each as ``[k memory rows][N items and separators][T_1..T_k]``."""
+        fitems = s["fold_items"]
+        if fitems.size == 0:
+            return []
+        n, k = int(s["fold_segment"][0]), int(s["fold_tokens"][0])
+        segments = (fitems >= 0).sum(axis=1) // n
+        passes = []
+        for j in range(int(segments.max(initial=0))):
+            owner = np.flatnonzero(segments > j)
+            passes.append(self.fold_pass(fitems[owner, j * n : (j + 1) * n], s["fold_text"][owner], k, owner))
+        return passes
+
+    def fold_pass(self, items: np.ndarray, text, k: int, owner: np.ndarray | None = None) -> FoldPass:
+        """A fold pass of whole segments ``items`` [F, N], each as text or item patches (``text``: a bool, or
+        one per segment), e.g. to fold a served user's newest segment into their memory; ``owner`` (the
+        sequence each segment's memory belongs to) defaults to 0..F-1."""
+        items = np.asarray(items, dtype=np.int64)
+        if items.ndim != 2 or items.size == 0 or items.min() < 0 or items.max() >= len(self.title_lengths):
+            raise ValueError(f"items must be [F, N] catalog ids in [0, {len(self.title_lengths)})")
+        if not 1 <= k <= len(self.persrec_ids):
+            raise ValueError(f"k must be in [1, {len(self.persrec_ids)}] (the tokenisation's PerSRec tokens)")
+        num = len(items)
+        fold = self.segment_slots(items, np.broadcast_to(np.asarray(text, dtype=bool), (num,)), k)
+        zeros = np.zeros(num, dtype=np.int64)
+        fold.update(sample=zeros, view=zeros, target=zeros)
+        batch = self.materialize(fold, answer=False)
+        cu = batch.cu_seqlens.numpy().astype(np.int64)
+        owner = np.arange(num) if owner is None else np.asarray(owner, dtype=np.int64)
+        t = torch.from_numpy
+        return FoldPass(batch, t(owner), t((cu[:-1, None] + np.arange(k)).reshape(-1)),
+                        t((cu[1:, None] - k + np.arange(k)).reshape(-1)))  # fmt: skip
+
+    def segment_slots(self, items: np.ndarray, text: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """Slots of folded segments ``items`` [F, N] (text or item patches per row): k T ids as memory
+        placeholders, the items with a separator after each, the last separator followed by the k T rows."""
+        num, n = items.shape
+        tlen = self.title_lengths[items]
+        src = np.zeros((num, 2 * n + 3), dtype=np.int64)
+        ntok = np.zeros((num, 2 * n + 3), dtype=np.int32)
+        run = np.ones((num, 2 * n + 3), dtype=bool)
+        newrow = np.ones((num, 2 * n + 3), dtype=bool)
+        src[:, 0], ntok[:, 0] = self.t_src, k
+        src[:, 1 : 2 * n + 1 : 2] = self.title_offsets[items]
+        ntok[:, 1 : 2 * n + 1 : 2] = tlen
+        run[:, 1 : 2 * n + 1 : 2] = text[:, None]
+        src[:, 2 : 2 * n + 2 : 2] = self.sep_src
+        ntok[:, 2 : 2 * n + 2 : 2] = 1
+        ntok[:, 2 * n] += k
+        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
+        zeros = np.zeros(num, dtype=np.int64)
+        return {"src": src, "ntok": ntok, "run": run, "newrow": newrow, "rows": rows, "before": zeros,
+                "after": zeros}  # fmt: skip
+
+    def materialize(self, s: dict[str, np.ndarray], answer: bool) -> PackedBatch:
+        """Slots of Q sequences -> the PackedBatch of their rows (labels when ``answer``)."""
         ntok_all = s["ntok"].ravel()
         keep = ntok_all > 0
         src = s["src"].ravel()[keep]
@@ -247,7 +383,7 @@ class Packer:
 
         # Labels: answer title + eot; the first is predicted by the last suffix row.
         q = len(rows)
-        if self.answer:
+        if answer:
             m = self.title_lengths[s["target"]].astype(np.int64)
             nlab = m + 1
             lab_end = np.cumsum(nlab)
@@ -283,6 +419,32 @@ class Packer:
             hist_tokens_before=t(s["before"].astype(np.int64)),
             hist_tokens_after=t(s["after"].astype(np.int64)),
         )
+
+
+def _persrec_config(persrec: PersrecConfig | tuple[int, int] | None) -> PersrecConfig | None:
+    if persrec is None or isinstance(persrec, PersrecConfig):
+        return persrec
+    segment, tokens = persrec
+    return PersrecConfig(tokens=tokens, segment=segment)
+
+
+def _split_folds(items: np.ndarray, kinds: np.ndarray, group: np.ndarray, config: PersrecConfig):
+    """Rolling layout: (the fold columns, then items / kinds / group of the open segments only, shifted to
+    the left). Folded items keep their plan kind (ITEM or TEXT)."""
+    num, width = kinds.shape
+    lengths = (kinds != PAD).sum(axis=1)
+    folded = old_items(config, lengths)
+    fold_width = int(folded.max(initial=0))
+    cols = np.arange(fold_width)[None]
+    in_fold = cols < folded[:, None]
+    fold_items = np.where(in_fold, items[:, :fold_width], -1)
+    fold_text = kinds[np.arange(num), 0] == TEXT
+    index = np.minimum(np.arange(width)[None] + folded[:, None], max(width - 1, 0))
+    valid = (np.arange(width)[None] + folded[:, None] < width) & np.take_along_axis(kinds != PAD, index, 1)
+    shifted = [np.where(valid, np.take_along_axis(a, index, 1), fill) for a, fill in
+               ((items, -1), (kinds, PAD), (group, -1))]  # fmt: skip
+    fold = {"fold_items": fold_items, "fold_text": fold_text, "fold_rows": np.zeros(num, dtype=np.int64)}
+    return fold, shifted[0], shifted[1].astype(kinds.dtype), shifted[2]
 
 
 def _block_layout(s: dict[str, np.ndarray], cu: np.ndarray) -> tuple[BlockLayout, torch.Tensor]:
@@ -327,8 +489,10 @@ def _widen(x: np.ndarray, y: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarr
         extra = width - z.shape[1]
         if extra == 0:
             return z
-        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True, "block_end": False}[key]
+        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True, "block_end": False, "fold_items": -1}[key]
         filler = np.full((z.shape[0], extra), fill, dtype=z.dtype)
+        if key == "fold_items":  # not a slot grid: pad at the end
+            return np.concatenate([z, filler], axis=1)
         # Slots keep their order: history slots, then the 2 tail slots (tail, answer) stay last.
         return np.concatenate([z[:, :-2], filler, z[:, -2:]], axis=1)
 
@@ -342,10 +506,11 @@ def pack_batch(
     plans: tuple[BatchPlan, ...],
     tokens: TokenizedDataset,
     answer: bool = True,
-    persrec: tuple[int, int] | None = None,
+    persrec: PersrecConfig | tuple[int, int] | None = None,
 ) -> PackedBatch:
-    """Pack exactly the samples ``ids`` with the given per-view plans (``[len(ids), L]`` each); ``persrec`` =
-    (segment, tokens) inserts PerSRec's T rows and block layout (see ``Packer.slots``)."""
+    """Pack exactly the samples ``ids`` with the given per-view plans (``[len(ids), L]`` each); ``persrec``
+    (a ``PersrecConfig``, or (segment, tokens) for the segments layout) inserts PerSRec's rows and layout
+    (see ``Packer.slots``)."""
     packer = Packer(tokens, answer)
     ids = np.asarray(ids, dtype=np.int64)
     width = plans[0].kinds.shape[1]
@@ -397,7 +562,8 @@ def _batch_slots(
         else:
             where = np.full(len(ids), progress)
         s = _concat(pending, packer.plan_slots(samples, ids, planner, plan_rng, where))
-        sample_rows = s["rows"].reshape(-1, views).sum(axis=1)
+        rows = s["rows"] + s["fold_rows"] if "fold_rows" in s else s["rows"]
+        sample_rows = rows.reshape(-1, views).sum(axis=1)
         if sample_rows.max(initial=0) > max_rows:
             bad = int(np.flatnonzero(sample_rows > max_rows)[0])
             sid = int(s["sample"][bad * views])

@@ -92,14 +92,17 @@ class ReferencePacker:
         )
 
     def persrec_sequence(
-        self, samples: Samples, i: int, segment: int, token_ids: list[int], old: str = "item"
-    ) -> tuple[ReferenceSequence, list[int], list[int]]:
-        """Rows of sample ``i`` under PerSRec (METHOD.md §6) and each row's (kind, segment) role.
+        self, samples: Samples, i: int, segment: int, token_ids: list[int], old: str = "item",
+        window: tuple[int, int] | None = None,
+    ) -> tuple[ReferenceSequence, list[int], list[int]]:  # fmt: skip
+        """Rows of sample ``i`` under PerSRec and each row's (kind, segment) role.
 
         ``[prefix <|start_seq|>]`` (PREFIX), then each full segment of ``segment`` items from the oldest: its
         items (item patches or text) each followed by ``<|item_sep|>``, then the T rows ``token_ids``
         (ITEM / TOKEN rows of that segment); then the last 1..segment items as text with separators between
-        them, ``<|end_seq|>``, the prompt suffix and the answer (RECENT)."""
+        them, ``<|end_seq|>``, the prompt suffix and the answer (RECENT). ``window`` = (P, R): the window
+        layout instead, one old segment of the items before the newest R (the T rows right after
+        ``<|start_seq|>`` when there are none)."""
         dataset, weight = samples.dataset, self.weight
         text = render_prompt_text(self.tokenizer, dataset.system_prompt, dataset.user_prompt)
         prefix_text, suffix_text = text.split(HISTORY_PLACEHOLDER)
@@ -115,7 +118,14 @@ class ReferencePacker:
 
         for t in self.ids(prefix_text) + [self.start]:
             add(weight[t], roles.PREFIX)
-        num_old = (len(history) - 1) // segment * segment
+        if window is None:
+            num_old = (len(history) - 1) // segment * segment
+        else:
+            num_old = len(history) - min(len(history), window[1])
+            segment = max(num_old, 1)  # one old segment closing after the last old item
+            if num_old == 0:
+                for t in token_ids:
+                    add(weight[t], roles.TOKEN, 0)
         for j, item in enumerate(history):
             ids = self.ids(dataset.titles[item])
             if j < num_old:
@@ -144,3 +154,43 @@ class ReferencePacker:
         sequence = ReferenceSequence(torch.stack(rows), list(range(first, first + len(answer) + 1)),
                                      answer + [self.eot], before, -1)  # fmt: skip
         return sequence, kind, seg
+
+    def rolling_sequences(
+        self, samples: Samples, i: int, segment: int, token_ids: list[int], old: str = "item"
+    ) -> tuple[list[torch.Tensor], ReferenceSequence, int]:
+        """PerSRec's rolling layout for sample ``i`` written out: (the rows of each folded segment as its own
+        sequence ``[T ids as memory placeholders][items, each followed by <|item_sep|>][T ids]``, the final
+        prompt ``[prefix <|start_seq|>][T ids as memory placeholders][open items][<|end_seq|> suffix]
+        [answer]``, the first memory row of the final prompt). The memory rows are to be overwritten."""
+        dataset, weight = samples.dataset, self.weight
+        text = render_prompt_text(self.tokenizer, dataset.system_prompt, dataset.user_prompt)
+        prefix_text, suffix_text = text.split(HISTORY_PLACEHOLDER)
+        history = [int(x) for x in samples.history(i)]
+        folded = (len(history) - 1) // segment * segment
+        tokens = [weight[t] for t in token_ids]
+        folds = []
+        for start in range(0, folded, segment):
+            rows = list(tokens)
+            for item in history[start : start + segment]:
+                ids = self.ids(dataset.titles[item])
+                if old == "item":
+                    rows.append(torch.stack([weight[t] for t in ids]).mean(0))
+                else:
+                    rows.extend(weight[t] for t in ids)
+                rows.append(weight[self.sep])
+            folds.append(torch.stack(rows + tokens))
+        rows = [weight[t] for t in self.ids(prefix_text) + [self.start]]
+        memory_row = len(rows)
+        rows.extend(tokens)
+        for j, item in enumerate(history[folded:]):
+            if j:
+                rows.append(weight[self.sep])
+            rows.extend(weight[t] for t in self.ids(dataset.titles[item]))
+        rows.extend(weight[t] for t in [self.end] + self.ids(suffix_text))
+        answer = self.ids(dataset.titles[samples.target(i)])
+        rows.extend(weight[t] for t in answer)
+        first = len(rows) - len(answer) - 1
+        before = sum(len(self.ids(dataset.titles[item])) for item in history)
+        final = ReferenceSequence(torch.stack(rows), list(range(first, first + len(answer) + 1)),
+                                  answer + [self.eot], before, -1)  # fmt: skip
+        return folds, final, memory_row

@@ -1,4 +1,4 @@
-"""Compression plans (METHOD.md §3): which granularity each history item gets.
+"""Compression plans (docs/method.md §3): which granularity each history item gets.
 
 A plan of a history of ``n`` items (oldest first) is two arrays of length ``n``:
 - ``kinds``: ``TEXT`` (the title's tokens, one position each), ``ITEM`` (one item patch), ``SESSION``
@@ -7,9 +7,10 @@ A plan of a history of ``n`` items (oldest first) is two arrays of length ``n``:
   ``DROP``. Items of one session share a group; every TEXT or ITEM item is a group of its own. Groups are
   contiguous and non-decreasing over the kept items, and pieces are separated by ``<|item_sep|>``.
 
-``persrec_plan`` (METHOD.md §6) is the item-level part of PerSRec: old-segment items as ITEM (or TEXT), recent
-items as TEXT; the packer adds the personalization-token rows and the attention blocks
-(``patchrec.batching.pack``).
+``persrec_plan`` is the item-level part of PerSRec: the items that go into the state (old segments, the old
+window, or the folded segments of the rolling layout: ``patchrec.batching.persrec_layouts``) as ITEM (or
+TEXT), the recent items as TEXT; the packer adds the personalization-token rows, the attention blocks and,
+for the rolling layout, the fold passes (``patchrec.batching.pack``).
 
 Per-``n`` functions (``vanilla_plan`` ... ``dropout_plan``) are the readable definitions;
 ``Planner.plan_batch`` is the vectorised form the packer uses: ``[B, L]`` arrays, row ``b`` holding the
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from patchrec.batching.persrec_layouts import LAYOUTS, PersrecConfig, old_items
 
 PAD, TEXT, ITEM, SESSION, DROP = -1, 0, 1, 2, 3
 KIND_NAMES = {TEXT: "TEXT", ITEM: "ITEM", SESSION: "SESSION", DROP: "DROP"}
@@ -81,7 +84,7 @@ def pft_i_plan(n: int, k: int) -> Plan:
 def pft_s_plan(n: int, g: int) -> Plan:
     """PFT-S: the newest ``g`` items as text, the ``g`` before them as item patches, everything older as
     session patches of ``g`` items cut from the newest end, so that the remainder ((older count) mod ``g``)
-    is held by the OLDEST session on its own (METHOD.md §3: "the oldest session holds the remainder")."""
+    is held by the OLDEST session on its own (docs/method.md §3: "the oldest session holds the remainder")."""
     _check_n(n)
     if g < 1:
         raise ValueError(f"g (session size) must be >= 1, got {g}")
@@ -102,18 +105,24 @@ PERSREC_OLD = ("text", "item")
 
 
 @lru_cache(maxsize=4096)
-def persrec_plan(n: int, segment: int, old: str = "item") -> Plan:
-    """PerSRec (METHOD.md §6) as a plan: the items of the full old-history segments of ``segment`` items
-    (counted from the oldest; ``patchrec.persrec.num_segments``) as item patches (``old="item"``) or text,
-    the last 1..segment items as text. Where the personalization tokens go is the packer's business."""
+def persrec_plan(n: int, segment: int, old: str = "item", layout: str = "segments", window: int = 0,
+                 recent: int = 0) -> Plan:  # fmt: skip
+    """PerSRec as a plan: the items that go into the state under ``layout`` (full segments of ``segment``
+    items from the oldest, or the old window of a window layout of P = ``window`` / R = ``recent``) as item
+    patches (``old="item"``) or text, the others as text. Where the personalization tokens go is the packer's
+    business."""
     _check_n(n)
-    check_persrec_options(segment, 1, old)
+    check_persrec_options(segment, 1, old, layout, window, recent)
+    config = PersrecConfig(tokens=1, segment=segment, layout=layout, window=window, recent=recent)
     kinds = np.full(n, TEXT)
-    kinds[: persrec_old_items(n, segment)] = ITEM if old == "item" else TEXT
+    kinds[: int(old_items(config, np.array([n]))[0])] = ITEM if old == "item" else TEXT
     return _frozen(kinds, np.arange(n))
 
 
-def check_persrec_options(segment: int, tokens: int, old: str) -> None:
+def check_persrec_options(
+    segment: int, tokens: int, old: str, layout: str = "segments", window: int = 0, recent: int = 0,
+    unroll: int = 0,
+) -> None:  # fmt: skip
     """The persrec plan's options, named by their flags (the planner and the training config both check)."""
     if segment < 1:
         raise ValueError(f"--persrec-segment must be >= 1, got {segment}")
@@ -121,13 +130,19 @@ def check_persrec_options(segment: int, tokens: int, old: str) -> None:
         raise ValueError(f"--persrec-tokens must be >= 1, got {tokens}")
     if old not in PERSREC_OLD:
         raise ValueError(f"--persrec-old must be one of {PERSREC_OLD}, got {old!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"--persrec-layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "window" and (window < 1 or recent < 1):
+        raise ValueError(f"--persrec-layout window needs --persrec-window >= 1 and --persrec-recent >= 1, "
+                         f"got {window} and {recent}")  # fmt: skip
+    if unroll < 0:
+        raise ValueError(f"--persrec-unroll must be >= 0, got {unroll}")
 
 
 def persrec_old_items(n, segment: int):
     """History items in full old segments (before the 1..segment recent items); 0 for an empty history."""
-    from patchrec.persrec.layout import num_segments
-
-    return num_segments(np.maximum(n, 1), segment) * segment
+    config = PersrecConfig(tokens=1, segment=segment)
+    return old_items(config, n)
 
 
 def _random_plan(n: int, p: float, rng: np.random.Generator, kind: int) -> Plan:
@@ -182,7 +197,7 @@ def stack_plans(plans: list[Plan], width: int | None = None) -> BatchPlan:
 class Planner:
     """A named plan with its parameters; ``plan``/``plan_batch`` give one entry per view.
 
-    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum of METHOD.md §3: ``p`` = optimizer step /
+    ``p=None`` for ``pretrain``/``dropout`` is the linear curriculum (docs/method.md §3): ``p`` = step /
     total steps of the run (training passes it to the packer as ``progress``).
 
     ``pretrain`` and ``dropout`` give two views per sample: the all-text history first, then the compressed
@@ -196,11 +211,16 @@ class Planner:
     segment: int = 20  # persrec: items per old-history segment
     tokens: int = 4  # persrec: personalization tokens T after each segment (released configs: 4)
     old: str = "item"  # persrec: old items as item patches ("item") or as text ("text")
+    layout: str = "segments"  # persrec: segments, window or rolling (patchrec.batching.persrec_layouts)
+    window: int = 0  # persrec window layout: P, old items compressed into the tokens
+    recent: int = 0  # persrec window layout: R, newest items as text
+    unroll: int = 0  # persrec rolling layout, training: cut the gradient every U segments (0: never)
 
     def __post_init__(self) -> None:
         if self.name not in PLANS:
             raise ValueError(f"plan name must be one of {sorted(PLANS)}, got {self.name!r}")
-        check_persrec_options(self.segment, self.tokens, self.old)
+        check_persrec_options(self.segment, self.tokens, self.old, self.layout, self.window, self.recent,
+                              self.unroll)  # fmt: skip
         if self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.g < 1:
@@ -217,6 +237,14 @@ class Planner:
         return self.name == "persrec"
 
     @property
+    def persrec(self) -> PersrecConfig | None:
+        """The persrec plan's layout options (None for the other plans)."""
+        if not self.is_persrec:
+            return None
+        return PersrecConfig(tokens=self.tokens, segment=self.segment, layout=self.layout, window=self.window,
+                             recent=self.recent, unroll=self.unroll)  # fmt: skip
+
+    @property
     def is_random(self) -> bool:
         return self.name in ("pretrain", "dropout")
 
@@ -229,7 +257,7 @@ class Planner:
         if self.name == "pft-s":
             return (pft_s_plan(n, self.g),)
         if self.name == "persrec":
-            return (persrec_plan(n, self.segment, self.old),)
+            return (persrec_plan(n, self.segment, self.old, self.layout, self.window, self.recent),)
         rng = _need_rng(rng, self.name)
         p = progress if self.p is None else self.p
         if self.name == "pretrain":
@@ -294,8 +322,10 @@ def evaluation_plan(stage: str, val_plan: str | None = None) -> str:
 
 def make_planner(
     name: str, k: int = 5, g: int = 5, p: float | None = None, *, segment: int = 20, tokens: int = 4,
-    old: str = "item",
+    old: str = "item", layout: str = "segments", window: int = 0, recent: int = 0, unroll: int = 0,
 ) -> Planner:  # fmt: skip
-    """Planner by name (the CLI and the training configs pick plans this way); ``segment``, ``tokens`` and
-    ``old`` are the persrec plan's (ignored by the others)."""
-    return Planner(name, k=k, g=g, p=p, segment=segment, tokens=tokens, old=old)
+    """Planner by name (the CLI and the training configs pick plans this way); ``segment``, ``tokens``,
+    ``old``, ``layout``, ``window``, ``recent`` and ``unroll`` are the persrec plan's (ignored by the
+    others)."""
+    return Planner(name, k=k, g=g, p=p, segment=segment, tokens=tokens, old=old, layout=layout,
+                   window=window, recent=recent, unroll=unroll)  # fmt: skip

@@ -1,5 +1,5 @@
 """Token-level view of a dataset: the tokenizer with the history markers, the catalog titles as a CSR table,
-and the prompt split around the history (METHOD.md §1).
+and the prompt split around the history (docs/method.md §1).
 
 Everything downstream (planning, packing, stats) works on these integer arrays; the tokenizer is called once
 per title and once per prompt half, never per sample.
@@ -34,7 +34,7 @@ START_SEQ = "<|start_seq|>"
 ITEM_SEP = "<|item_sep|>"
 END_SEQ = "<|end_seq|>"
 HISTORY_MARKERS = (START_SEQ, ITEM_SEP, END_SEQ)
-# PerSRec's learnable personalization tokens (METHOD.md §6): ``<|persrec_0|>`` ... one new embedding row each.
+# PerSRec's personalization tokens (docs/method.md §6): ``<|persrec_0|>`` ... one new embedding row each.
 PERSREC_TOKEN = "<|persrec_{}|>"
 PLAIN_TEMPLATE = "{bos}System: {system}\nUser: {user}\nAssistant: "
 # Chat templates that print today's date (Llama-3.x: "Today Date: ...") would give a different prompt, and so

@@ -2,8 +2,8 @@
 
 Example::
 
-    patchrec baseline sasrec --data ../shared/data/patchrec/ml-100k --split test --out runs/sasrec-ml100k
-    patchrec baseline hstu --data ../shared/data/patchrec/ml-1m --max-items 200 \
+    patchrec baseline sasrec --data data/ml-100k --split test --out runs/sasrec-ml100k
+    patchrec baseline hstu --data data/ml-1m --max-items 200 \
         --persrec-tokens 4 --persrec-segment 50 --out runs/hstu-persrec-ml1m
 
 PerSRec (``--persrec-tokens K``, SASRec and HSTU) in one of three layouts (``--persrec-layout``):
@@ -111,7 +111,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--embedding", type=int, default=None, help="GRU4Rec item embedding size (64)")
     model.add_argument("--num-layers", type=int, default=None, help="GRU4Rec GRU layers (1)")
 
-    persrec = parser.add_argument_group("PerSRec (sasrec, hstu; METHOD.md §6)")
+    persrec = parser.add_argument_group("PerSRec (sasrec, hstu; docs/method.md §6)")
     persrec.add_argument(
         "--persrec-tokens", type=int, default=None, help="K learnable tokens after each old segment (0 = off)"
     )

@@ -1,8 +1,8 @@
-"""``patchrec eval``: whole-catalog evaluation of a Llama checkpoint on the packed path (METHOD.md §5).
+"""``patchrec eval``: whole-catalog evaluation of a Llama checkpoint on the packed path (docs/method.md §5).
 
 Example::
 
-    patchrec eval --model runs/pft-s --data ../shared/data/patchrec/ml-100k --split test \\
+    patchrec eval --model runs/pft-s --data data/ml-100k --split test \\
         --out runs/pft-s/test_exact.json     # plan, K, G, L: runs/pft-s/train_config.json's
 
 ``--ranking exact`` (default) scores every distinct title by its log-likelihood as the answer (full ranks);
@@ -11,11 +11,13 @@ authors`` (default: transformers 4.46.3 group beam search as the PatchRec author
 or ``--protocol clean`` (see ``patchrec.eval.beam``).
 
 ``--model`` is a model directory, a checkpoint ``R/checkpoints/step-N`` or a training run directory ``R``
-(its ``R/model``). When the run's ``train_config.json`` is found (in the model directory, its parent, or two
-levels up for a checkpoint), ``--plan``, ``--k``, ``--g`` and ``--max-items`` default to how the model was
-trained: the plan is the run's ``val_plan``, else its stage when that is vanilla / pft-i / pft-s, else pft-i.
-A flag that contradicts the saved value is an error unless ``--force``. Without the file the defaults are
-vanilla, 5, 5, 100. The results JSON records where each value came from.
+(its ``R/model``); a LoRA adapter directory (``--save adapter``, a LoRA run's checkpoints) loads its base
+model from where training read it, then the adapter, merged. When the run's ``train_config.json`` is
+found (in the model directory, its parent, or two levels up for a checkpoint), ``--plan``, ``--k``, ``--g``
+and ``--max-items`` default to how the model was trained: the plan is the run's ``val_plan``, else its
+stage when that is vanilla / pft-i / pft-s, else pft-i. A flag that contradicts the saved value is an error
+unless ``--force``. Without the file the defaults are vanilla, 5, 5, 100. The results JSON records where
+each value came from.
 
 ``--plan persrec`` (a ``--stage persrec`` run; its ``--persrec-*`` options also default to the run's):
 ``--persrec-cache on`` (default) builds each user's state (prefix + personalization tokens, per layer) from
@@ -37,16 +39,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from patchrec.batching.plan import evaluation_plan
 from patchrec.data.source import load_data
 from patchrec.eval.metrics import DEFAULT_KS
 
 PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
 # train_config.json fields (same names as the flags) that default to the run's; the plan is derived from two.
-SAVED_FIELDS = ("k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old")
+PERSREC_OPTIONS = ("persrec_tokens", "persrec_segment", "persrec_old", "persrec_layout", "persrec_window",
+                   "persrec_recent")  # fmt: skip
+SAVED_FIELDS = ("k", "g", "max_items", *PERSREC_OPTIONS)
 FALLBACK = {"plan": "vanilla", "k": 5, "g": 5, "max_items": 100, "persrec_tokens": 4, "persrec_segment": 20,
-            "persrec_old": "item"}  # without a train_config.json
-PERSREC_FLAGS = ("persrec_tokens", "persrec_segment", "persrec_old", "persrec_cache")
+            "persrec_old": "item", "persrec_layout": "segments", "persrec_window": 0,
+            "persrec_recent": 0}  # without a train_config.json  # fmt: skip
+PERSREC_FLAGS = (*PERSREC_OPTIONS, "persrec_cache")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -76,6 +83,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="persrec: personalization tokens per old segment (default: the run's, else 4)")
     data.add_argument("--persrec-segment", type=int, default=None,
                       help="persrec: items per old segment (default: the run's, else 20)")
+    data.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
+                      help="persrec: the layout (default: the run's, else segments)")
+    data.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P (the run's)")
+    data.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R (the run's)")
     data.add_argument("--persrec-old", choices=("text", "item"), default=None,
                       help="persrec: old items as item patches or text (default: the run's, else item)")
     data.add_argument("--persrec-cache", choices=("on", "off"), default=None,
@@ -112,10 +123,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def resolve_model_path(model: str) -> Path:
     """``--model`` -> the directory (or file) to load: a run directory ``R`` means ``R/model``."""
+    from patchrec.model.lora import is_adapter_dir  # heavy (torch, transformers): only when a command runs
+
     path = Path(model)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+    is_model = lambda p: (p / "config.json").is_file() or is_adapter_dir(p)  # noqa: E731
+    if not is_model(path) and is_model(path / "model"):
         return path / "model"
-    if (path / "train_config.json").is_file() and not (path / "config.json").is_file():
+    if (path / "train_config.json").is_file() and not is_model(path):
         raise FileNotFoundError(f"--model {model}: a training run directory without model/ "
                                 "(pass one of its checkpoints/step-N)")  # fmt: skip
     return path
@@ -146,7 +160,7 @@ def resolve_settings(args: argparse.Namespace, model_dir: Path) -> tuple[dict[st
         saved_values.update({name: saved[name] for name in SAVED_FIELDS if name in saved})
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in ("plan", "k", "g", "max_items", "persrec_tokens", "persrec_segment", "persrec_old"):
+    for name in ("plan", "k", "g", "max_items", *PERSREC_OPTIONS):
         if name.startswith("persrec_") and values["plan"] != "persrec":
             continue  # the persrec options only exist for that plan
         given = getattr(args, name, None)
@@ -185,7 +199,7 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.dataset import make_samples
     from patchrec.eval.metrics import write_results
-    from patchrec.model.decoder import PackedDecoder
+    from patchrec.model.lora import load_model
     from patchrec.train.distributed import evaluate_sharded
 
     model_dir = resolve_model_path(args.model)
@@ -205,16 +219,17 @@ def _run(args: argparse.Namespace, ctx, device) -> int:
     tokenizer_dir = args.tokenizer or str(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     dataset = load_data(args.data)
-    persrec = {"segment": settings.get("persrec_segment", FALLBACK["persrec_segment"]),
-               "tokens": settings.get("persrec_tokens", FALLBACK["persrec_tokens"]),
-               "old": settings.get("persrec_old", FALLBACK["persrec_old"])}  # fmt: skip
+    persrec = {name.removeprefix("persrec_"): settings.get(name, FALLBACK[name]) for name in PERSREC_OPTIONS}
     num_persrec = persrec["tokens"] if plan == "persrec" else 0
     tokens = tokenize_dataset(tokenizer, dataset, persrec_tokens=num_persrec)
+    if plan == "persrec" and persrec["layout"] == "rolling":
+        max_items = int(np.diff(dataset.user_offsets).max(initial=1))  # the whole timeline
     samples = make_samples(dataset, args.split, max_items)
     if len(samples) == 0:
         raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
-    model = PackedDecoder.from_pretrained(model_dir, vocab_size=tokens.vocab_size,
-                                        dtype=getattr(torch, dtype_name)).to(device)  # fmt: skip
+    # A LoRA adapter directory loads its base, then the adapter, merged (the same scores, one matmul less).
+    model = load_model(model_dir, vocab_size=tokens.vocab_size, dtype=getattr(torch, dtype_name),
+                       merge=True).to(device)  # fmt: skip
     if model.lm.get_input_embeddings().num_embeddings < tokens.vocab_size:
         raise ValueError("--model's embedding table is smaller than the tokenizer's vocabulary")
     planner = make_planner(plan, k=settings["k"], g=settings["g"], **persrec)

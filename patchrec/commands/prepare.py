@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     item_ids = None
     if args.raw:
         dataset, movielens_ids = load_movielens(args.raw, args.format)
-        item_ids = movielens_ids - 1  # the release's ids (METHOD.md §4), gaps included for ML-1M
+        item_ids = movielens_ids - 1  # the release's ids (docs/method.md §4), gaps included for ML-1M
     else:
         dataset = make_synthetic(
             num_users=args.users,

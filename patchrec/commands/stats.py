@@ -2,7 +2,7 @@
 
 Example::
 
-    patchrec stats --data ../shared/data/patchrec/ml-1m --tokenizer ../shared/tokenizers/llama3 --json
+    patchrec stats --data data/ml-1m --tokenizer path/to/llama3 --json
 
 Definitions of every figure: ``patchrec.stats`` (module docstring).
 """

@@ -1,11 +1,11 @@
 """``patchrec train``: one training stage on the packed path (patch pre-training, PFT-I, PFT-S, vanilla SFT,
 dropout ablation).
 
-Two-stage example (METHOD.md §3)::
+Two-stage example (docs/method.md §3)::
 
-    patchrec train --stage pretrain --data ../shared/data/patchrec/ml-100k \\
-        --tokenizer ../shared/tokenizers/llama3 --init tiny --preset tiny --out runs/ml100k-pretrain
-    patchrec train --stage pft-i --data ../shared/data/patchrec/ml-100k \\
+    patchrec train --stage pretrain --data data/ml-100k \\
+        --tokenizer path/to/llama3 --init tiny --preset tiny --out runs/ml100k-pretrain
+    patchrec train --stage pft-i --data data/ml-100k \\
         --init runs/ml100k-pretrain --preset tiny --out runs/ml100k-pft-i
 
 ``--init`` is a model preset (random init), a Hugging Face model directory, a ``.gguf`` file (its tokenizer
@@ -15,6 +15,13 @@ micro-batches of ``--max-rows`` rows; weights and optimizer state are fp32 (``--
 ``--resume`` continues from the newest checkpoint in ``--out`` and reproduces the uninterrupted run. Writes
 ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and the final ``model/`` (model + tokenizer) into
 ``--out``.
+
+LoRA (``pip install 'patchrec[peft]'``): ``--lora-r 16`` trains adapters on every attention and MLP
+projection instead of all weights; ``--train-embeddings new`` (default) also trains the embedding rows
+patchrec adds (history markers, PerSRec tokens), ``none`` freezes the table, ``all`` trains it. Checkpoints
+are adapter directories (LoRA weights, the embedding rows that differ from the base, and the base's path);
+the final ``model/`` is merged into plain weights (``--save merged``, default) or an adapter directory
+(``--save adapter``). ``patchrec eval --model`` loads either.
 
 Several GPUs or machines: launch the same command with ``torchrun`` (``torchrun --nproc-per-node 8 -m
 patchrec train ...``; add ``--nnodes`` and a rendezvous for several machines). ``--parallel ddp`` (default)
@@ -31,8 +38,9 @@ import argparse
 from patchrec.train.config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
-_OVERRIDES = ("k", "g", "p", "persrec_tokens", "persrec_segment", "persrec_old",
-              "init", "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
+_OVERRIDES = ("k", "g", "p", *PERSREC_FIELDS,
+              "init", "lora_r", "lora_alpha", "lora_targets", "train_embeddings", "save",
+              "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
               "synthetic_interests", "synthetic_long_term_share", "lr",
               "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
@@ -53,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="model preset (tiny, llama-3.2-1b: random init), HF model dir, .gguf file, or a "
                            "previous run dir")
     what.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="hyperparameter preset (METHOD.md §3 released settings, or tiny for CPU)")
+                      help="hyperparameter preset (docs/method.md §3 released settings, or tiny for CPU)")
     what.add_argument("--k", type=int, default=None, help="pft-i: newest items kept as text (default 5)")
     what.add_argument("--g", type=int, default=None, help="pft-s: session size (default 5; ml-100k 20)")
     what.add_argument("--p", type=float, default=None,
@@ -64,6 +72,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="persrec: items per old-history segment, from the oldest (default 20)")
     what.add_argument("--persrec-old", choices=("text", "item"), default=None,
                       help="persrec: old items as item patches (default) or text")
+    what.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
+                      help="persrec: segments (default), window (one old window of P items, then R recent) "
+                           "or rolling (a k-vector memory over the whole timeline)")
+    what.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P")
+    what.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R")
+    what.add_argument("--persrec-unroll", type=int, default=None,
+                      help="persrec rolling layout: cut the memory's gradient every U segments (0: never)")
+
+    lora = parser.add_argument_group("LoRA (needs peft: pip install 'patchrec[peft]')")
+    lora.add_argument("--lora-r", type=int, default=None,
+                      help="LoRA rank on the decoder's linear layers; 0 (default) = full fine-tuning")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA scale alpha: updates are alpha/r B A (default 2 r)")
+    lora.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                      help="modules that get adapters (default: q_proj k_proj v_proj o_proj gate_proj "
+                           "up_proj down_proj)")
+    lora.add_argument("--train-embeddings", choices=("none", "new", "all"), default=None,
+                      help="with LoRA, the embedding table: frozen, only the rows patchrec adds (markers, "
+                           "PerSRec tokens; default) or all rows")
+    lora.add_argument("--save", choices=("merged", "adapter"), default=None,
+                      help="with LoRA, the final model/: adapters merged into plain weights (default) or the "
+                           "adapter directory (needs the base model where it was); checkpoints are adapters")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help="release directory or 'synthetic'")
@@ -93,7 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     opt.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     opt.add_argument("--batch-size", type=int, default=None,
-                     help="samples per optimizer step, the same for every plan (default 64; METHOD.md §3)")
+                     help="samples per optimizer step, the same for every plan (default 64)")
     opt.add_argument("--max-rows", type=int, default=None,
                      help="packed rows per micro-batch (memory only: a step's samples are accumulated)")
     opt.add_argument("--seed", type=int, default=None, help="seed for init, data order and random plans")
@@ -132,6 +162,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS[args.preset]) if args.preset else {}
     values |= {"stage": args.stage, "data": args.data, "out": args.out, "progress": not args.no_progress}
     values |= {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+    if args.persrec_layout == "window" and args.max_items is None and None not in (
+        args.persrec_window, args.persrec_recent
+    ):  # the window layout reads P + R items
+        values["max_items"] = args.persrec_window + args.persrec_recent
     return TrainConfig(**values)
 
 

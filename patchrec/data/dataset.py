@@ -1,11 +1,12 @@
 """In-memory dataset and sample index: flat numpy arrays, no per-user or per-sample Python objects.
 
 Every loader (release format, raw MovieLens, synthetic) produces a ``Dataset``; training and evaluation read
-``Samples`` made from it (METHOD.md §4).
+``Samples`` made from it (docs/method.md §4).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +82,7 @@ class Dataset:
 @dataclass
 class Samples:
     """The samples of one split: for target position ``idx >= 3`` of a user, history = the latest
-    ``max_items`` items before it (METHOD.md §4).
+    ``max_items`` items before it (docs/method.md §4).
 
     Stored as absolute indices into ``dataset.items``: history of sample ``i`` is
     ``items[hist_start[i]:target_index[i]]`` and its target ``items[target_index[i]]``.
@@ -138,3 +139,29 @@ def make_samples(dataset: Dataset, split: str, max_items: int = 100, min_positio
     return Samples(
         dataset, split, max_items, users, hist_start.astype(np.int64), target_index.astype(np.int64)
     )
+
+
+def history_samples(dataset: Dataset, histories: Sequence[np.ndarray], targets: Sequence[int] | None = None):
+    """Samples whose histories are given directly (item ids, oldest first; e.g. users served online),
+    over ``dataset``'s catalog and prompts: one user per history, its whole history read. ``targets``
+    (default item 0) matter only where an answer is packed."""
+    if targets is None:
+        targets = [0] * len(histories)
+    if len(targets) != len(histories):
+        raise ValueError(f"{len(histories)} histories but {len(targets)} targets")
+    seqs = [np.append(np.asarray(h, dtype=np.int64), int(t)) for h, t in zip(histories, targets, strict=True)]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    if np.any(lengths < 2):
+        raise ValueError("every history needs >= 1 item")
+    items = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    if len(items) and (items.min() < 0 or items.max() >= dataset.num_items):
+        raise ValueError(f"history items must be ids in [0, {dataset.num_items})")
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    none = np.full((len(seqs), 2), -1, dtype=np.int64)
+    test = np.stack([lengths - 1, lengths - 1], 1)
+    online = Dataset(dataset.name, dataset.titles, items.astype(np.int32), offsets,
+                     np.arange(len(seqs), dtype=np.int64), {"train": none, "val": none.copy(), "test": test},
+                     dataset.system_prompt, dataset.user_prompt)  # fmt: skip
+    return Samples(online, "test", int(lengths.max(initial=1)), np.arange(len(seqs), dtype=np.int32),
+                   offsets[:-1].copy(), offsets[1:] - 1)  # fmt: skip

@@ -1,5 +1,5 @@
 """Interaction logs -> ``Dataset``: user rows, per-user time order and the global 96/2/2 timestamp split
-(METHOD.md §4). Shared by the raw MovieLens loader and the synthetic generator; the tie conventions are
+(docs/method.md §4). Shared by the raw MovieLens loader and the synthetic generator; the tie conventions are
 documented in ``patchrec.data.movielens``.
 """
 

@@ -1,4 +1,4 @@
-"""Raw MovieLens-100K / MovieLens-1M files -> ``Dataset``, as METHOD.md §4 describes.
+"""Raw MovieLens-100K / MovieLens-1M files -> ``Dataset``, as docs/method.md §4 describes.
 
 Conventions (reverse-engineered from the PatchRec release and checked against it on raw ML-100K):
 

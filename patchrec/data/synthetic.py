@@ -18,7 +18,7 @@ The generative story (all vectorised numpy, ~1M interactions in about a second):
   exponential gaps with a per-user rate; the dataset is then split like MovieLens: the global 96 / 2 / 2
   timestamp cut of ``patchrec.data.interactions.global_time_split``.
 
-The prompts are the MovieLens ones of METHOD.md §1 (the titles read like movie titles).
+The prompts are the MovieLens ones of docs/method.md §1 (the titles read like movie titles).
 Same arguments, same seed -> an identical dataset.
 """
 

@@ -1,4 +1,4 @@
-"""Trie-constrained diverse beam search over the catalog titles (METHOD.md §5), written here because
+"""Trie-constrained diverse beam search over the catalog titles (docs/method.md §5), written here because
 transformers no longer ships group beam search. Two protocols (``PROTOCOLS``) share one loop:
 
 - ``"authors"``: what transformers 4.46.3's ``_group_beam_search`` + ``BeamSearchScorer`` return when called

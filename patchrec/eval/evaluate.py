@@ -1,4 +1,4 @@
-"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (METHOD.md §5).
+"""Whole-catalog evaluation of a ``PackedDecoder`` on the packed path (docs/method.md §5).
 
 Two rankings:
 - ``"exact"`` (default): every distinct catalog title is scored by its log-likelihood (title tokens + eot)
@@ -105,12 +105,21 @@ def persrec_state_stats(
     dtype = next(model.parameters()).dtype
     row_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     prefix = Packer(tokens).head_len
-    rows = state_rows(prefix, samples.history_lengths, planner.segment, planner.tokens)
-    mean_rows = float(rows.mean()) if len(rows) else 0.0
-    return {"persrec_segment": planner.segment, "persrec_tokens": planner.tokens, "persrec_old": planner.old,
-            "persrec_state_rows_mean": mean_rows, "persrec_state_bytes_per_sample": mean_rows * row_bytes,
-            "persrec_token_state_bytes_per_sample": (mean_rows - prefix) * row_bytes,
-            "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
+    layout = planner.persrec
+    options = {"persrec_segment": planner.segment, "persrec_tokens": planner.tokens,
+               "persrec_old": planner.old, "persrec_layout": layout.layout, "persrec_window": layout.window,
+               "persrec_recent": layout.recent}  # fmt: skip
+    if layout.layout == "rolling":
+        # The state is the memory: k vectors of the model's width (the prompt's own rows are recomputed).
+        memory = float(planner.tokens * config.hidden_size * dtype.itemsize)
+        return options | {"persrec_state_rows_mean": 0.0, "persrec_state_bytes_per_sample": memory,
+                          "persrec_token_state_bytes_per_sample": memory,
+                          "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
+    rows = state_rows(prefix, samples.history_lengths, layout)
+    mean = float(rows.mean()) if len(rows) else 0.0
+    return options | {"persrec_state_rows_mean": mean, "persrec_state_bytes_per_sample": mean * row_bytes,
+                      "persrec_token_state_bytes_per_sample": (mean - prefix) * row_bytes,
+                      "persrec_state_bytes_per_row": row_bytes}  # fmt: skip
 
 
 def rank_in_returned(

@@ -1,5 +1,5 @@
 """Exact whole-catalog scoring: the log-likelihood of every catalog title as the answer to a prompt, with the
-prompt run once per sample (METHOD.md §5, "a stronger protocol").
+prompt run once per sample (docs/method.md §5, "a stronger protocol").
 
 How a title is scored without a forward pass per (prompt, title):
 
@@ -36,7 +36,7 @@ LOGIT_ELEMENTS = 1 << 25
 
 @dataclass(frozen=True)
 class CatalogTitles:
-    """The catalog's distinct titles (METHOD.md §5: duplicate titles are one item), CSR over token ids.
+    """The catalog's distinct titles (docs/method.md §5: duplicate titles are one item), CSR over token ids.
 
     Titles are compared by their token ids, which is string equality for any lossless tokenizer; the trie of
     the beam search merges equal token sequences in the same way, so both rankings agree on what "one

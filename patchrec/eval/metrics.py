@@ -1,4 +1,4 @@
-"""Whole-catalog ranking metrics (METHOD.md §5), shared by the ID baselines and the LLM evaluation.
+"""Whole-catalog ranking metrics (docs/method.md §5), shared by the ID baselines and the LLM evaluation.
 
 Every model is evaluated the same way: a score for every catalog item, the 0-based rank ``r`` of the true
 item, then ``HR@K = mean(r < K)`` and ``NDCG@K = mean(1 / log2(r + 2) if r < K else 0)``.
@@ -12,7 +12,7 @@ The rule is written into every results file next to the metrics.
 
 Seen items. With ``mask_history`` every item the user interacted with before the target (the user's whole
 prefix, not only the latest L items the model read; RecBole-style full-sort masking) gets score ``-inf``.
-The target itself is never masked, so a repeated item cannot be ranked out of reach; METHOD.md §5 notes the
+The target itself is never masked, so a repeated item cannot be ranked out of reach; docs/method.md §5: the
 released datasets never repeat a target. Default: unmasked, the authors' protocol.
 """
 
@@ -178,7 +178,7 @@ def write_results(
     """Write one evaluation as JSON (metrics, the protocol that produced them, raw ranks); return the dict.
 
     The masking flag and tie rule sit next to the metrics because they change the numbers a lot
-    (METHOD.md §5); raw ranks let any other K or metric be recomputed without re-running the model.
+    (docs/method.md §5); raw ranks let any other K or metric be recomputed without re-running the model.
     """
     ranks = np.asarray(ranks, dtype=np.int64)
     result: dict[str, Any] = {

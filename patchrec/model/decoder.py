@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from patchrec.batching.pack import PackedBatch
+from patchrec.batching.pack import FoldPass, PackedBatch
 from patchrec.model.attention import PACKED_ATTENTION, AttentionPlan, BlockPlan, PackedPlan
 from patchrec.model.backbone import check_architecture, load_causal_lm
 from patchrec_kernels.patch_embed import patch_embed
@@ -97,6 +97,10 @@ class PackedDecoder(nn.Module):
         check_architecture(lm.config, type(lm).__name__)
         lm.set_attn_implementation(PACKED_ATTENTION)
         self.lm = lm
+        # Rows of the table as the checkpoint had them (rows past it were added: markers, PerSRec tokens).
+        self.base_vocab_size = lm.get_input_embeddings().num_embeddings
+        # LoRA adapters when ``patchrec.model.lora.apply_lora`` added them (it owns their saving).
+        self.adapter = None
 
     @classmethod
     def from_preset(cls, preset: str | ModelPreset, vocab_size: int, *, seed: int = 0, **overrides):
@@ -114,15 +118,22 @@ class PackedDecoder(nn.Module):
         once the history markers are added) when it is larger. ``dtype`` None keeps the checkpoint's dtype
         (fp32 for GGUF)."""
         lm = load_causal_lm(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
-        if vocab_size is not None and vocab_size > lm.get_input_embeddings().num_embeddings:
+        base_vocab_size = lm.get_input_embeddings().num_embeddings
+        if vocab_size is not None and vocab_size > base_vocab_size:
             # New marker rows start at the mean of the existing rows (transformers' default), so the
             # markers begin as an "average token" rather than random noise.
             lm.resize_token_embeddings(vocab_size)
-        return cls(lm)
+        model = cls(lm)
+        model.base_vocab_size = base_vocab_size
+        return model
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + safetensors, loadable by ``from_pretrained`` and by transformers; ``dtype``
-        writes a cast copy (config included) and leaves the model's own weights as they are."""
+        writes a cast copy (config included) and leaves the model's own weights as they are. A model with
+        LoRA adapters writes an adapter directory instead (``patchrec.model.lora``)."""
+        if self.adapter is not None:
+            self.adapter.save(self, path, dtype)
+            return
         lm = self.lm
         if dtype is not None and any(p.dtype != dtype for p in lm.parameters()):
             lm = copy.deepcopy(lm).to(dtype)
@@ -131,6 +142,10 @@ class PackedDecoder(nn.Module):
     @property
     def config(self) -> PretrainedConfig:
         return self.lm.config
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters an optimizer must not decay (the table whose rows LoRA ``new`` masks)."""
+        return set() if self.adapter is None else self.adapter.no_weight_decay(self)
 
     @property
     def vocab_size(self) -> int:
@@ -150,13 +165,45 @@ class PackedDecoder(nn.Module):
         return rows if scale is None else rows * scale.to(rows.dtype)
 
     def embed(self, batch: PackedBatch, *, validate: bool | None = None) -> torch.Tensor:
-        """[R, D] input rows of the batch."""
+        """[R, D] input rows of the batch; a PerSRec rolling batch gets its memory rows written (the
+        memory it carries, or the one its fold passes compute: ``fold_memory``)."""
         table = self.embedding_table()
         pad = getattr(self.lm.get_input_embeddings(), "padding_idx", None)
         if pad is not None and table.requires_grad and torch.is_grad_enabled():
             table = _NoInputGradRow.apply(table, pad)
         rows = patch_embed(table, batch.token_ids, batch.seg_offsets, batch.row_offsets, validate=validate)
-        return self.scale_embeddings(rows)
+        rows = self.scale_embeddings(rows)
+        if batch.memory_rows is None:
+            return rows
+        memory = batch.memory if batch.memory is not None else self.fold_memory(batch)
+        return rows.index_copy(0, batch.memory_rows, memory.reshape(-1, rows.shape[-1]).to(rows.dtype))
+
+    def initial_memory(self, memory_ids: torch.Tensor, num: int) -> torch.Tensor:
+        """[num, k, D] PerSRec rolling memory before any segment is folded: the T tokens' embeddings."""
+        return self.embed_tokens(memory_ids).unsqueeze(0).expand(num, -1, -1)
+
+    def fold_memory(self, batch: PackedBatch, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """[Q, k, D] memory of every sequence of a rolling batch after its fold passes, starting from
+        ``memory`` (default: the initial memory); the memory is detached after pass j when
+        ``(j + 1) % batch.fold_unroll == 0``."""
+        if memory is None:
+            memory = self.initial_memory(batch.memory_ids, batch.num_sequences)
+        for j, fold in enumerate(batch.folds or []):
+            detach = bool(batch.fold_unroll) and (j + 1) % batch.fold_unroll == 0
+            memory = self.fold_pass(fold, memory, detach=detach)
+        return memory
+
+    def fold_pass(self, fold: FoldPass, memory: torch.Tensor, *, detach: bool = False) -> torch.Tensor:
+        """One fold pass: its sequences read their owner's memory (``memory`` [Q, k, D]) in their first k
+        rows; the final hidden states of their last k rows (the T rows) become the owners' new memory."""
+        rows = self.embed(fold.batch)
+        carried = memory.index_select(0, fold.owner).reshape(-1, rows.shape[-1])
+        rows = rows.index_copy(0, fold.memory_rows, carried.to(rows.dtype))
+        hidden = self.decode(rows, fold.batch.position_ids, self.batch_plan(fold.batch))
+        new = hidden.index_select(0, fold.write_rows).reshape(len(fold.owner), -1, hidden.shape[-1])
+        if detach:
+            new = new.detach()
+        return memory.index_copy(0, fold.owner, new.to(memory.dtype))
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[T, D] input rows of single tokens, exactly as the model's embedding module gives them."""
@@ -208,7 +255,9 @@ class PackedDecoder(nn.Module):
         sums = torch.zeros(q, dtype=torch.float32, device=hidden.device).index_add_(
             0, batch.label_sample, label_loss
         )
-        counts = torch.bincount(batch.label_sample, minlength=q).clamp_min(1)
+        # index_add, not bincount: bincount's output size depends on the data, which breaks a compiled graph
+        ones = torch.ones_like(label_loss)
+        counts = torch.zeros_like(sums).index_add_(0, batch.label_sample, ones).clamp_min(1)
         return PackedOutput(label_loss.mean(), label_loss, sums / counts, answer_hidden)
 
 

@@ -1,4 +1,4 @@
-"""PerSRec (METHOD.md §6): learnable personalization tokens after each old-history segment, with
+"""PerSRec (docs/method.md §6): learnable personalization tokens after each old-history segment, with
 segment-isolated attention, so that their keys/values are a cached per-user state.
 
 - ``layout``: which rows exist and which earlier rows each block sees (``BlockLayout``, ``item_rows``);

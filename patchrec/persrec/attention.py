@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchrec.persrec.layout import BlockLayout
+from patchrec.batching.blocks import BlockLayout
 from patchrec_kernels.varlen_attention import varlen_attention
 
 

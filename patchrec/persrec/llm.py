@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchrec.batching.blocks import BlockLayout, block_layout
 from patchrec.batching.pack import PackedBatch
-from patchrec.batching.plan import persrec_old_items
+from patchrec.batching.persrec_layouts import PersrecConfig, old_items
 from patchrec.data.dataset import ragged_arange
 from patchrec.model.attention import BlockPlan, PromptCache
 from patchrec.persrec.attention import block_state
-from patchrec.persrec.layout import BlockLayout, block_layout
 from patchrec.persrec.sequence import PersrecState
 
 CACHE_MODES = ("on", "off")
@@ -164,9 +164,15 @@ def encode_cached(model, batch: PackedBatch) -> PromptCache:
                         sample_ids=batch.sample_ids)  # fmt: skip
 
 
-def state_rows(prefix_rows: int, lengths: np.ndarray, segment: int, tokens: int) -> np.ndarray:
-    """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment."""
-    return prefix_rows + persrec_old_items(np.asarray(lengths, dtype=np.int64), segment) // segment * tokens
+def state_rows(prefix_rows: int, lengths: np.ndarray, config: PersrecConfig) -> np.ndarray:
+    """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment
+    (segments layout) or k T rows in all (window layout)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if config.layout == "window":
+        return np.full(len(lengths), prefix_rows + config.tokens, dtype=np.int64)
+    if config.layout != "segments":
+        raise ValueError(f"the {config.layout} layout keeps a memory, not key/value rows")
+    return prefix_rows + old_items(config, lengths) // config.segment * config.tokens
 
 
 __all__ = ["CACHE_MODES", "Blocks", "encode_cached", "encode_final", "encode_full",

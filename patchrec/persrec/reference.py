@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth for PerSRec attention: the explicit dense mask of METHOD.md §6, row by row.
+"""Plain-PyTorch ground truth for PerSRec attention: the explicit dense mask of docs/method.md §6, row by row.
 
 Deliberately built from each row's role (prefix text, an item or T token of old segment s, a recent row)
 rather than from blocks, so that a mistake in ``patchrec.persrec.layout`` cannot hide in both.
@@ -60,7 +60,7 @@ def masked_attention_reference(
 
 
 def item_roles(n: int, segment: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Roles of the rows of one item sequence of ``n`` items, written out one row at a time (METHOD §6:
+    """Roles of the rows of one item sequence of ``n`` items, one row at a time (docs/method.md §6:
     full segments from the oldest item, the last 1..segment items recent)."""
     kind, seg = [], []
     old_segments = (n - 1) // segment

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchrec.batching.persrec_layouts import PersrecConfig, num_segments
 from patchrec.data.dataset import ragged_arange
-from patchrec.persrec.config import PersrecConfig
-from patchrec.persrec.layout import ItemRows, block_rows, num_segments
+from patchrec.persrec.layout import ItemRows, block_rows
 
 
 @dataclass

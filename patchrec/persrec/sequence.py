@@ -15,12 +15,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from patchrec.batching.persrec_layouts import PersrecConfig, num_segments, window_split
 from patchrec.data.dataset import Samples, gather_ragged
-from patchrec.persrec.config import PersrecConfig
-from patchrec.persrec.layout import item_rows, num_segments
+from patchrec.persrec.layout import item_rows
 from patchrec.persrec.rolling import RollingState, rolling_fold, rolling_hidden, rolling_recent, rolling_split
 from patchrec.persrec.state import PersrecState, extend_state, forward_rows
-from patchrec.persrec.window import window_fold, window_recent, window_rows, window_split
+from patchrec.persrec.window import window_fold, window_recent, window_rows
 
 
 def check_persrec_model(model) -> PersrecConfig:

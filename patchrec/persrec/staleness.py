@@ -19,11 +19,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from patchrec.batching.persrec_layouts import num_segments, window_split
 from patchrec.data.dataset import Samples, gather_ragged
-from patchrec.persrec.layout import num_segments
 from patchrec.persrec.rolling import rolling_fold, rolling_recent
 from patchrec.persrec.sequence import check_persrec_model
-from patchrec.persrec.window import window_fold, window_recent, window_split
+from patchrec.persrec.window import window_fold, window_recent
 
 
 def stale_scorer(model, samples: Samples, lag: int) -> Callable[[np.ndarray], torch.Tensor]:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchrec.batching.blocks import BlockLayout
 from patchrec.persrec.attention import block_state
-from patchrec.persrec.layout import BlockLayout, ItemRows
+from patchrec.persrec.layout import ItemRows
 
 
 @dataclass

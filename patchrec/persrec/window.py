@@ -26,24 +26,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patchrec.persrec.config import PersrecConfig
+from patchrec.batching.persrec_layouts import PersrecConfig, window_split
 from patchrec.persrec.layout import ItemRows, block_rows
 from patchrec.persrec.state import PersrecState, extend_state, forward_rows
-
-
-def window_split(lengths: np.ndarray, config: PersrecConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(old, recent) item counts of histories of ``lengths`` items under the window rule; ValueError when a
-    history is longer than P + R (the caller keeps the newest P + R)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if np.any(lengths < 1):
-        raise ValueError("every history needs >= 1 item")
-    if np.any(lengths > config.window + config.recent):
-        raise ValueError(
-            f"a history has {int(lengths.max())} items, more than persrec window + recent "
-            f"({config.window} + {config.recent}): keep the newest {config.window + config.recent}"
-        )
-    recent = np.minimum(lengths, config.recent)
-    return lengths - recent, recent
 
 
 def _old_blocks(old: np.ndarray, config: PersrecConfig) -> dict[str, np.ndarray]:

@@ -1,12 +1,12 @@
 """Configuration of one training stage on the packed path (``patchrec.train.loop``), with named presets.
 
-The released settings (METHOD.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
+The released settings (docs/method.md §3): one epoch per stage, full fine-tuning, AdamW, cosine schedule with
 warmup ratio 0.05, gradient clipping at 0.3, bf16, global batch 64 (MovieLens) / 32 (Goodreads) samples.
 An optimizer step is ``batch_size`` samples, the same for every plan (a pre-training or dropout sample brings
 its two views); they are packed into token-budget micro-batches of at most ``max_rows`` rows whose gradients
 are accumulated, so ``max_rows`` only trades memory for speed and never changes what is computed.
 Parameters and optimizer state are fp32 (master weights) whatever the checkpoint's dtype; ``dtype`` only
-sets the compute (bf16 autocast on CUDA).
+sets the compute (bf16 autocast on CUDA). ``lora_r`` > 0 trains LoRA adapters (peft) instead of every weight.
 
 Under ``torchrun`` a step is still ``batch_size`` samples in total, split over the ranks by packed rows
 (``patchrec.train.distributed``), so the global batch, the losses and the schedule do not depend on the world
@@ -25,9 +25,18 @@ from patchrec.batching.plan import check_persrec_options
 
 STAGES = ("pretrain", "pft-i", "pft-s", "vanilla", "dropout", "persrec")
 # persrec_* field -> its flag and default (the fields only apply to stage persrec)
-PERSREC_FIELDS = {"persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
-                  "persrec_old": ("--persrec-old", "item")}
+PERSREC_FIELDS = {
+    "persrec_tokens": ("--persrec-tokens", 4), "persrec_segment": ("--persrec-segment", 20),
+    "persrec_old": ("--persrec-old", "item"), "persrec_layout": ("--persrec-layout", "segments"),
+    "persrec_window": ("--persrec-window", 0), "persrec_recent": ("--persrec-recent", 0),
+    "persrec_unroll": ("--persrec-unroll", 0),
+}  # fmt: skip
 DTYPES = ("auto", "bf16", "fp32")
+TRAIN_EMBEDDINGS = ("none", "new", "all")  # patchrec.model.lora's choices
+SAVES = ("merged", "adapter")
+# LoRA-only fields -> their flags (they must keep their defaults when lora_r is 0)
+LORA_FIELDS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+               "train_embeddings": "--train-embeddings"}
 SAVE_DTYPES = ("fp32", "bf16")
 PARALLEL = ("auto", "ddp", "fsdp")
 
@@ -42,7 +51,17 @@ class TrainConfig:
     persrec_tokens: int = 4  # persrec: personalization tokens T after each old segment (new embedding rows)
     persrec_segment: int = 20  # persrec: items per old-history segment (the last 1..N items stay recent text)
     persrec_old: str = "item"  # persrec: old items inside segments as item patches (item) or as text (text)
+    persrec_layout: str = "segments"  # persrec: segments | window (the paper's) | rolling (bounded state)
+    persrec_window: int = 0  # persrec window layout: P old items compressed into the tokens
+    persrec_recent: int = 0  # persrec window layout: R newest items as text (reads P + R = max_items)
+    persrec_unroll: int = 0  # persrec rolling layout: cut the memory's gradient every U segments (0: never)
     init: str = "tiny"  # model preset (random init), HF model / checkpoint / run directory, or a .gguf file
+    # ---- LoRA (peft; patchrec[peft]) ---------------------------------------------------------------------
+    lora_r: int = 0  # LoRA rank on the decoder's linear layers (0 = full fine-tuning)
+    lora_alpha: float | None = None  # LoRA scale: updates are (alpha / r) B A; None = 2 r
+    lora_targets: list[str] | None = None  # module names that get adapters; None = every q/k/v/o/MLP proj
+    train_embeddings: str | None = None  # LoRA: none | new (markers + PerSRec rows) | all; None = new
+    save: str = "merged"  # LoRA: the final model/ merged into plain weights, or the adapter (+ base path)
     # ---- data --------------------------------------------------------------------------------------------
     data: str = "synthetic"  # release directory, or "synthetic" (patchrec.data.synthetic)
     synthetic_users: int = 1000  # --data synthetic: users
@@ -54,7 +73,7 @@ class TrainConfig:
     synthetic_seed: int = 0  # --data synthetic: generator seed (independent of the training seed)
     tokenizer: str | None = None  # HF tokenizer dir / .gguf; None: the init's, or a BPE trained on the titles
     tokenizer_vocab: int = 1000  # vocabulary of the BPE trained on the titles when no tokenizer is given
-    max_items: int = 100  # history length L (METHOD.md §4)
+    max_items: int = 100  # history length L (docs/method.md §4)
     train_samples: int = 0  # use a seeded random subset of this many training samples (0 = all)
     out: str = "runs/train"  # output directory (model/, checkpoints/, log.jsonl, train_config.json)
     # ---- optimisation ------------------------------------------------------------------------------------
@@ -64,7 +83,7 @@ class TrainConfig:
     grad_clip: float = 0.3  # max global gradient norm (0 = no clipping)
     epochs: int = 1  # passes over the training samples (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs (the schedule is laid out over these)
-    batch_size: int = 64  # samples per optimizer step (METHOD.md §3: 64 MovieLens, 32 Goodreads)
+    batch_size: int = 64  # samples per optimizer step (docs/method.md §3: 64 MovieLens, 32 Goodreads)
     max_rows: int = 8192  # token budget: packed rows per micro-batch (a sample never straddles two)
     seed: int = 0  # weights (preset init), data order, random plans
     # ---- validation, logging, checkpoints ----------------------------------------------------------------
@@ -103,7 +122,14 @@ class TrainConfig:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
-        check_persrec_options(self.persrec_segment, self.persrec_tokens, self.persrec_old)
+        check_persrec_options(self.persrec_segment, self.persrec_tokens, self.persrec_old,
+                              self.persrec_layout, self.persrec_window, self.persrec_recent,
+                              self.persrec_unroll)  # fmt: skip
+        window = self.persrec_window + self.persrec_recent
+        if self.persrec_layout == "window" and self.max_items != window:
+            raise ValueError(f"--persrec-layout window reads P + R = {window} items: --max-items must be "
+                             f"that, got {self.max_items}")  # fmt: skip
+        self._validate_lora()
         if self.stage != "persrec":
             for name, (flag, default) in PERSREC_FIELDS.items():
                 if getattr(self, name) != default:
@@ -121,6 +147,28 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("set epochs > 0 or max_steps > 0")
+
+    def _validate_lora(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.save not in SAVES:
+            raise ValueError(f"--save must be one of {SAVES}, got {self.save!r}")
+        if not self.lora_r:
+            for name, flag in LORA_FIELDS.items():
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{flag} is only for LoRA (--lora-r > 0)")
+            if self.save != "merged":
+                raise ValueError("--save adapter is only for LoRA (--lora-r > 0)")
+            return
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ValueError("--lora-targets must name at least one module")
+        if self.train_embeddings is not None and self.train_embeddings not in TRAIN_EMBEDDINGS:
+            choices = TRAIN_EMBEDDINGS
+            raise ValueError(f"--train-embeddings must be one of {choices}, got {self.train_embeddings!r}")
+        if self.parallel == "fsdp":
+            raise ValueError("--lora-r with --parallel fsdp is not supported: use ddp (the default)")
 
     # ---- serialisation -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +195,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Released settings (METHOD.md §3): the global batch in samples; max_rows is only the micro-batch budget.
+# Released settings (docs/method.md §3): the global batch in samples; max_rows is only the micro-batch budget.
 PRESETS: dict[str, dict[str, Any]] = {
     "ml-100k": dict(lr=1e-5, g=20, weight_decay=0.0, warmup_ratio=0.05, grad_clip=0.3, epochs=1,
                     batch_size=64, max_rows=16384),

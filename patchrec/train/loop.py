@@ -1,4 +1,4 @@
-"""One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (METHOD.md §3).
+"""One training stage on the packed path: ``train(TrainConfig) -> TrainResult`` (docs/method.md §3).
 
 Stages are plans (``pretrain``, ``pft-i``, ``pft-s``, ``vanilla``, ``dropout``, ``persrec``); each starts
 from a model preset (random init), a Hugging Face model directory, a ``.gguf`` file, or a previous stage's
@@ -19,6 +19,11 @@ Output directory::
     checkpoints/step-000040/  model (safetensors) + tokenizer + trainer_state.pt + state.json
     checkpoints/latest        name of the newest complete checkpoint
     model/                    final model + tokenizer (PackedDecoder.from_pretrained, load_tokenizer)
+
+LoRA (``lora_r`` > 0, ``patchrec.model.lora``): adapters on the init model, which is otherwise frozen (the
+embedding table per ``train_embeddings``); checkpoints are adapter directories (LoRA weights, the embedding
+rows that differ from the base, the base's path) with the optimizer state of the trainable parameters only;
+``model/`` is merged into plain weights (``save="merged"``) or an adapter directory (``save="adapter"``).
 
 Exact resume. The samples of step ``s`` and their random plans are a pure function of (seed, s), so a
 checkpoint stores the step only; with the optimizer, scheduler and RNG states restored, the resumed run
@@ -53,13 +58,21 @@ from transformers import set_seed
 
 from patchrec.batching.pack import PackedBatch, iter_batches
 from patchrec.batching.plan import Planner, evaluation_plan, make_planner
-from patchrec.batching.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
+from patchrec.batching.tokens import HISTORY_MARKERS, TokenizedDataset, load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import Dataset, Samples, make_samples
 from patchrec.data.source import load_data
 from patchrec.data.synthetic import SyntheticConfig
 from patchrec.model.backbone import has_tokenizer, is_gguf
 from patchrec.model.decoder import PRESETS as MODEL_PRESETS
 from patchrec.model.decoder import PackedDecoder
+from patchrec.model.lora import (
+    DEFAULT_TARGETS,
+    LoraSettings,
+    apply_lora,
+    is_adapter_dir,
+    load_model,
+    merge_lora,
+)
 from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
     kill_point,
     latest_checkpoint,
@@ -95,7 +108,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = {"halt_after", "progress", "val_every", "val_samples", "log_every", "save_every",
                       "keep_checkpoints", "device", "out", "tokenizer", "max_rows", "save_dtype", "parallel",
-                      "dist_timeout"}
+                      "dist_timeout", "save"}
 
 
 @dataclass
@@ -149,9 +162,9 @@ def resolve_model_dir(init: str) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"init {init!r}: no such GGUF file")
         return path
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or is_adapter_dir(path):
         return path
-    if (path / "model" / "config.json").is_file():
+    if (path / "model" / "config.json").is_file() or is_adapter_dir(path / "model"):
         return path / "model"
     latest = latest_checkpoint(path)
     if latest is not None:
@@ -233,7 +246,17 @@ def val_planner(config: TrainConfig) -> Planner:
 
 def persrec_options(config: TrainConfig) -> dict[str, Any]:
     """The persrec plan's options of a config (``make_planner`` keywords)."""
-    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old}
+    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old,
+            "layout": config.persrec_layout, "window": config.persrec_window, "recent": config.persrec_recent,
+            "unroll": config.persrec_unroll}
+
+
+def history_items(config: TrainConfig, dataset) -> int:
+    """Items of history a sample reads: ``max_items``, or the whole timeline for PerSRec's rolling layout
+    (its segments are fixed from each user's first interaction)."""
+    if config.stage == "persrec" and config.persrec_layout == "rolling":
+        return max(int(np.diff(dataset.user_offsets).max(initial=1)), 1)
+    return config.max_items
 
 
 def persrec_token_count(config: TrainConfig) -> int:
@@ -341,13 +364,39 @@ def _epoch_order(num_samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_samples)
 
 
-def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | None, vocab_size: int):
+def lora_settings(config: TrainConfig) -> LoraSettings:
+    """The LoRA settings of a config with ``lora_r`` > 0 (defaults: alpha 2 r, every projection, new rows)."""
+    return LoraSettings(
+        r=config.lora_r, alpha=config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_r,
+        targets=tuple(config.lora_targets or DEFAULT_TARGETS),
+        train_embeddings=config.train_embeddings or "new",
+    )  # fmt: skip
+
+
+def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | None, vocab_size: int,
+                new_rows: list[int]) -> PackedDecoder:  # fmt: skip
     """fp32 master weights whatever the checkpoint's dtype (a bf16 checkpoint trained in bf16 would round
-    away most updates at fine-tuning learning rates)."""
-    if checkpoint is not None or init_dir is not None:
-        return PackedDecoder.from_pretrained(checkpoint or init_dir, vocab_size=vocab_size,
-                                             dtype=torch.float32)  # fmt: skip
-    return PackedDecoder.from_preset(config.init, vocab_size, seed=config.seed).float()
+    away most updates at fine-tuning learning rates). A checkpoint of a LoRA run is an adapter directory
+    (base, adapter, embedding rows); a new LoRA run puts adapters on the init model (merged, if it is itself
+    an adapter directory) and records where that base comes from."""
+    if checkpoint is not None:
+        return load_model(checkpoint, vocab_size=vocab_size, dtype=torch.float32)
+    if init_dir is not None:
+        model = load_model(init_dir, vocab_size=vocab_size, dtype=torch.float32, merge=True)
+        base = {"path": str(Path(init_dir).resolve())}
+    else:
+        model = PackedDecoder.from_preset(config.init, vocab_size, seed=config.seed).float()
+        base = {"preset": config.init, "seed": config.seed}
+    if config.lora_r:
+        apply_lora(model, lora_settings(config), base=base, new_rows=new_rows)
+    return model
+
+
+def added_token_ids(tokenizer, tokens: TokenizedDataset) -> list[int]:
+    """The ids of the tokens patchrec adds: the history markers and the PerSRec tokens (LoRA's ``new``)."""
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(HISTORY_MARKERS))] + [
+        int(i) for i in tokens.persrec_ids
+    ]
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -393,12 +442,12 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
         (out / "log.jsonl").unlink(missing_ok=True)
         config.replace(tokenizer=str(tok_dir)).to_json(out / "train_config.json")
 
-    train_samples = random_subset(make_samples(dataset, "train", config.max_items), config.train_samples,
-                                  config.seed)
+    train_all = make_samples(dataset, "train", history_items(config, dataset))
+    train_samples = random_subset(train_all, config.train_samples, config.seed)
     if len(train_samples) == 0:
         raise ValueError(f"data {config.data!r} has no training samples")
     planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p, **persrec_options(config))
-    model = _load_model(config, init_dir, checkpoint, tokens.vocab_size)
+    model = _load_model(config, init_dir, checkpoint, tokens.vocab_size, added_token_ids(tokenizer, tokens))
     model.to(device).train()
     # FSDP computes in bf16 through its MixedPrecisionPolicy, the other modes through autocast.
     model = wrap(model, mode, ctx, device, bf16=use_bf16)
@@ -423,7 +472,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
 
     val_samples = None
     if config.val_every > 0:
-        val_all = make_samples(dataset, "val", config.max_items)
+        val_all = make_samples(dataset, "val", history_items(config, dataset))
         val_samples = random_subset(val_all, config.val_samples, config.seed + 1) if len(val_all) else None
 
     result = TrainResult(out, None, position["step"], total_steps, rank=ctx.rank, world_size=ctx.world_size)
@@ -523,6 +572,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
         result.model_dir = out / "model"
         plain = gather_full_model(model, mode, device, all_ranks=False)
         if main:
-            save_model_dir(result.model_dir, plain, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
+            final = merge_lora(plain) if config.lora_r and config.save == "merged" else plain
+            save_model_dir(result.model_dir, final, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
         ctx.barrier()
     return result

@@ -42,11 +42,13 @@ def resolve_mode(parallel: str, ctx: DistContext) -> str | None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """AdamW groups (matrices decayed, norms not: decaying them hurts) and the parameter names in optimizer
-    order (the numbering of the checkpoint's optimizer state)."""
-    named = list(model.named_parameters())
-    decay = [(n, p) for n, p in named if p.ndim >= 2]
-    no_decay = [(n, p) for n, p in named if p.ndim < 2]
+    """AdamW groups of the trainable parameters (matrices decayed, norms not: decaying them hurts; nor what
+    the model's ``no_weight_decay`` names, e.g. a table only some rows of which train) and their names in
+    optimizer order (the numbering of the checkpoint's optimizer state)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay = [(n, p) for n, p in named if p.ndim >= 2 and n not in exempt]
+    no_decay = [(n, p) for n, p in named if p.ndim < 2 or n in exempt]
     groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]  # fmt: skip
     return groups, [n for n, _ in decay + no_decay]

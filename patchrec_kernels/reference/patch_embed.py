@@ -31,8 +31,14 @@ def patch_embed_reference(
     num_rows = row_offsets.numel() - 1
     tokens_per_segment = seg_offsets.diff().long()
     segments_per_row = row_offsets.diff().long()
-    segment_of_token = torch.repeat_interleave(torch.arange(num_segments, device=device), tokens_per_segment)
-    row_of_segment = torch.repeat_interleave(torch.arange(num_rows, device=device), segments_per_row)
+    # output_size makes every shape here a function of the input shapes alone (no device sync, and
+    # torch.compile traces it with dynamic shapes instead of breaking the graph on a data-dependent size).
+    segment_of_token = torch.repeat_interleave(
+        torch.arange(num_segments, device=device), tokens_per_segment, output_size=token_ids.shape[0]
+    )
+    row_of_segment = torch.repeat_interleave(
+        torch.arange(num_rows, device=device), segments_per_row, output_size=num_segments
+    )
 
     # Upcast first so that bf16/fp16 tables are summed in fp32, as the kernel does.
     token_rows = weight.float()[token_ids.long()]

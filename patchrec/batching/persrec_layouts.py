@@ -1,4 +1,6 @@
-"""PerSRec's options on the ID models (SASRec, HSTU): how many tokens, and which of the three layouts.
+"""PerSRec's options (how many tokens, which of three layouts) and each layout's split of a history into
+the old part that builds the per-user state and the recent part read against it. Shared by the ID models
+(SASRec, HSTU) and the LLM ``persrec`` plan.
 
 - ``segments``: the latest L items cut into full segments of ``segment`` items from the oldest, each followed
   by its k T tokens, then the newest 1..segment items. Every T row stays visible to the later rows, so the
@@ -22,7 +24,7 @@ import numpy as np
 LAYOUTS = ("segments", "window", "rolling")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PersrecConfig:
     tokens: int = 0  # k learnable personalization tokens (0 = PerSRec off; the released configs: 4)
     segment: int = 50  # segments / rolling: items per segment
@@ -74,3 +76,42 @@ class PersrecConfig:
             return 2 * self.tokens + self.segment
         segments = (max(items, 1) - 1) // self.segment
         return items + self.tokens * int(np.int64(segments))
+
+
+def num_segments(lengths: np.ndarray, segment: int) -> np.ndarray:
+    """Old-history segments of a history of ``n`` items: full segments of ``segment`` items from the oldest,
+    leaving 1..segment recent items (the newest item always answers, so the final block is never empty)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1, got {segment}")
+    if np.any(lengths < 1):
+        raise ValueError("every history needs >= 1 item")
+    return (lengths - 1) // segment
+
+
+def window_split(lengths: np.ndarray, config: PersrecConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(old, recent) item counts of histories of ``lengths`` items under the window rule: the newest
+    min(n, R) are recent, the items before them (at most P) the old window; ValueError when a history is
+    longer than P + R (the caller keeps the newest P + R)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if np.any(lengths < 1):
+        raise ValueError("every history needs >= 1 item")
+    if np.any(lengths > config.window + config.recent):
+        raise ValueError(
+            f"a history has {int(lengths.max())} items, more than persrec window + recent "
+            f"({config.window} + {config.recent}): keep the newest {config.window + config.recent}"
+        )
+    recent = np.minimum(lengths, config.recent)
+    return lengths - recent, recent
+
+
+def old_items(config: PersrecConfig, lengths: np.ndarray) -> np.ndarray:
+    """Items of each history that go into the state (0 for an empty history): whole segments (segments,
+    rolling) or the old window (window)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    safe = np.maximum(lengths, 1)
+    if config.layout == "window":
+        old = window_split(safe, config)[0]
+    else:
+        old = num_segments(safe, config.segment) * config.segment
+    return np.where(lengths > 0, old, 0)
