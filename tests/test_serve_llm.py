@@ -165,3 +165,34 @@ def test_llm_beam_ranking_returns_beam_search_titles(runs, tmp_path):
             assert got["results"][0]["items"] == titles
             too_many = client.post("/v1/recommend", json={"history": history, "k": 5})
             assert too_many.status_code == 422 and too_many.json()["error"] == "k: must be in [1, 4], got 5"
+
+
+def test_llm_rolling_memory_is_stored_folded_and_served(runs, tmp_path):
+    # The persrec rolling run keeps each user's memory (k x d) in the storage: interactions fold completed
+    # segments into it, a request reads only the open segment against it, and the scores equal patchrec
+    # eval's whole-timeline forward.
+    from patchrec.commands.serve import llm_scorer
+
+    dataset, by_plan = runs
+    run, model, tokens = by_plan["persrec-rolling"]
+    scorer, model_dir = llm_scorer(serve_args("--model", str(run)), torch.device("cpu"))
+    assert scorer.stateful and scorer.describe()["persrec"]["state"] == "stored memory"
+    samples = make_samples(dataset, "test", max_items_of(dataset, "persrec-rolling"))
+    sid = int(np.argmax(samples.history_lengths))
+    history = samples.history(sid).astype(np.int64)
+    assert len(history) > 3 * SEGMENT
+    want = reference(dataset, model, tokens, "persrec-rolling", np.array([sid]))[0]
+    app, _ = build_app(model_dir, tmp_path / "db.sqlite", scorer=scorer)
+    memory_bytes = TOKENS * model.config.hidden_size * 4
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        for start in range(0, len(history), 2):  # two interactions at a time
+            r = client.post("/v1/events", json={"user": "u", "items": history[start : start + 2].tolist()})
+            assert r.status_code == 200, r.text
+            state = client.get("/v1/users/u").json()["state"]
+            assert state is None or state["tensor_bytes"] == memory_bytes  # constant, whatever the history
+        state = client.get("/v1/users/u").json()["state"]
+        assert state["covered_items"] == (len(history) - 1) // SEGMENT * SEGMENT and state["current"]
+        got = client.post("/v1/recommend", json={"users": ["u"], "k": 5, "exclude_seen": False}).json()
+    order = sorted(range(dataset.num_items), key=lambda i: (-float(want[i]), i))[:5]
+    assert got["results"][0]["items"] == order
+    np.testing.assert_allclose(got["results"][0]["scores"], want[order].numpy(), rtol=1e-5, atol=1e-4)

@@ -8,11 +8,14 @@ histories back to back (each followed by a placeholder target, item 0, which the
 which leaves every score unchanged: item 0 is the lowest id of its title, so it is that title's scored
 copy anyway). Plans and settings are the run's (``patchrec eval``'s resolution, done by the command).
 
-The ``persrec`` plan runs with ``persrec_cache="on"``: each request's state is built from its old
-segments, then the final block is read against it, as ``patchrec eval`` does. The state is not stored
-between requests: ``patchrec.eval`` has no public entry point that scores titles from a state built
-earlier (that needs the prompt cache of ``patchrec.eval.exact`` / ``patchrec.persrec.llm``, which the
-decoder rewrite replaces), so an LLM user's state is rebuilt for every request.
+The ``persrec`` plan's rolling layout keeps each user's memory (k vectors of the model's width) in the
+storage, like the ID models' states: a new interaction folds every segment it completes into the stored
+memory (one fold pass per segment, ``Packer.fold_pass`` / ``PackedDecoder.fold_pass``, batched over users),
+and a request reads only the open segment's prompt with the memory written into its memory rows
+(``exact_item_scores(..., memory=)``, or ``PackedBatch.memory`` for beam search). A stored memory made by
+another model, or not matching the user's items, is rebuilt from the history. The window and segments
+layouts run with ``persrec_cache="on"`` and their state rebuilt per request (the window slides with every
+interaction; the segments move with the history past L items).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
-from patchrec.batching.pack import iter_batches
+from patchrec.batching.pack import Packer, iter_batches
+from patchrec.batching.persrec_layouts import num_segments
 from patchrec.batching.plan import make_planner
 from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 from patchrec.data.dataset import Samples
@@ -35,7 +41,7 @@ from patchrec.eval.exact import CatalogTitles
 from patchrec.model.lora import load_model
 from patchrec.serve.loading import file_sha256, fingerprint
 from patchrec.serve.scorers import Query, Scored
-from patchrec.serve.storage import StateRow
+from patchrec.serve.storage import StateRow, items_hash
 
 PLANS = ("vanilla", "pft-i", "pft-s", "persrec")
 RANKINGS = ("exact", "beam")
@@ -74,10 +80,10 @@ class LLMSettings:
 
 
 class LLMScorer:
-    """A trained LLM run served by exact or beam ranking (module docstring); stateless."""
+    """A trained LLM run served by exact or beam ranking (module docstring); stateful for the persrec plan's
+    rolling layout."""
 
     kind = "llm"
-    stateful = False
 
     def __init__(self, model_dir: str | Path, data: str, settings: LLMSettings, *,
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
@@ -100,6 +106,8 @@ class LLMScorer:
                                     recent=settings.persrec_recent)  # fmt: skip
         # the rolling layout reads a user's whole timeline (as patchrec eval does); the others the newest L
         self.rolling = settings.plan == "persrec" and settings.persrec_layout == "rolling"
+        self.stateful = self.rolling
+        self.packer = Packer(self.tokens, answer=False)
         self.catalog = CatalogTitles.from_table(self.tokens.titles)
         self.trie = TitleTrie(self.catalog, self.tokens.prompt.eot) if settings.ranking == "beam" else None
         self.num_items = self.dataset.num_items
@@ -130,29 +138,78 @@ class LLMScorer:
         return Samples(dataset, "test", max_items, np.arange(users, dtype=np.int32), offsets[:-1].copy(),
                        offsets[:-1] + lengths)  # fmt: skip
 
+    def _folded(self, history: np.ndarray) -> int:
+        """Items of a history in its folded segments (the rest is the open segment)."""
+        n = self.settings.persrec_segment
+        return int(num_segments(np.array([max(len(history), 1)]), n)[0]) * n
+
+    def _memories(self, queries: list[Query]) -> tuple[torch.Tensor, list[StateRow | None]]:
+        """[Q, k, D] each user's memory after their folded segments, from the stored one when it is usable,
+        and the rows to store for those that changed."""
+        s, model = self.settings, self.model
+        device = next(model.parameters()).device
+        ids = torch.as_tensor(self.tokens.persrec_ids[: s.persrec_tokens], dtype=torch.long, device=device)
+        memory = model.initial_memory(ids, len(queries)).clone()
+        start = np.zeros(len(queries), dtype=np.int64)  # the first item not yet in the memory
+        for i, q in enumerate(queries):
+            row = q.stored
+            if (row is not None and row.fingerprint == self.fingerprint and row.start == 0
+                    and row.end <= self._folded(q.history)
+                    and row.items_hash == items_hash(q.history[: row.end])):  # fmt: skip
+                memory[i] = load_tensors(row.data)["memory"].to(device, memory.dtype)
+                start[i] = row.end
+        end = np.array([self._folded(q.history) for q in queries], dtype=np.int64)
+        n = s.persrec_segment
+        while (pending := np.flatnonzero(start < end)).size:  # one fold pass per segment, users batched
+            segments = np.stack([queries[i].history[start[i] : start[i] + n] for i in pending])
+            fold = self.packer.fold_pass(segments, s.persrec_old == "text", s.persrec_tokens, pending)
+            memory = model.fold_pass(fold.to(device), memory)
+            start[pending] += n
+        changed: list[StateRow | None] = [None] * len(queries)
+        for i, q in enumerate(queries):
+            if q.stored is None or q.stored.end != end[i] or q.stored.fingerprint != self.fingerprint:
+                data = save_tensors({"memory": memory[i].detach().cpu().contiguous()})
+                changed[i] = StateRow(self.fingerprint, 0, int(end[i]), len(q.history),
+                                      items_hash(q.history[: end[i]]), memory[i].nelement() *
+                                      memory.element_size(), data)  # fmt: skip
+        return memory, changed
+
     def score(self, queries: list[Query]) -> list[Scored]:
         s = self.settings
-        samples = self._samples([q.history if self.rolling else q.history[-s.max_items :] for q in queries])
         index = np.arange(len(queries))
+        memory, changed = None, [None] * len(queries)
         with torch.inference_mode():
+            if self.rolling:
+                memory, changed = self._memories(queries)
+                histories = [q.history[self._folded(q.history) :] for q in queries]  # the open segments
+            else:
+                histories = [q.history[-s.max_items :] for q in queries]
+            samples = self._samples(histories)
             if s.ranking == "exact":
                 scores = exact_item_scores(self.model, self.tokens, samples, index, self.catalog,
-                                           planner=self.planner, max_rows=s.max_rows, persrec_cache="on")
-                return [Scored(row.float()) for row in scores]  # fmt: skip
+                                           planner=self.planner, max_rows=s.max_rows, persrec_cache="on",
+                                           memory=memory)  # fmt: skip
+                return [Scored(row.float(), c) for row, c in zip(scores, changed, strict=True)]
             scores = torch.full((len(queries), self.num_items), -torch.inf)
             device = next(self.model.parameters()).device
             for batch in iter_batches(samples, self.planner, self.tokens, s.max_rows, answer=False):
-                returned = beam_search(self.model, batch.to(device), self.trie, beams=s.beams,
+                batch = batch.to(device)
+                if memory is not None:
+                    batch.memory = memory.index_select(0, batch.sample_ids)
+                returned = beam_search(self.model, batch, self.trie, beams=s.beams,
                                        groups=s.groups, diversity=s.diversity, protocol=s.protocol,
                                        persrec_cache="on")  # fmt: skip
                 for sid, row in zip(batch.sample_ids.tolist(), returned, strict=True):
                     for title, value in reversed(row):  # best last: a title returned twice keeps its best
                         if title >= 0:
                             scores[sid, int(self.catalog.canonical[title])] = float(value)
-        return [Scored(row) for row in scores]
+        return [Scored(row, c) for row, c in zip(scores, changed, strict=True)]
 
     def maintain(self, queries: list[Query]) -> list[StateRow | None]:
-        return [None] * len(queries)
+        if not self.rolling:
+            return [None] * len(queries)
+        with torch.inference_mode():
+            return self._memories(queries)[1]
 
     def describe(self) -> dict:
         s = self.settings
@@ -165,7 +222,7 @@ class LLMScorer:
         if s.plan == "persrec":
             out["persrec"] = {"layout": s.persrec_layout, "tokens": s.persrec_tokens,
                               "segment": s.persrec_segment, "old": s.persrec_old,
-                              "state": "rebuilt for every request"}  # fmt: skip
+                              "state": "stored memory" if self.rolling else "rebuilt for every request"}
             if s.persrec_layout == "window":
                 out["persrec"].update(window=s.persrec_window, recent=s.persrec_recent)
             if self.rolling:
