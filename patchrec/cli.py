@@ -17,6 +17,7 @@ COMMANDS = {
     "reproduce": "patchrec.commands.reproduce",
     "bench": "patchrec.commands.bench",
     "results": "patchrec.commands.results",
+    "serve": "patchrec.commands.serve",
 }
 
 

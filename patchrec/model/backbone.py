@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from patchrec.batching.hf_files import gguf_parts, is_gguf
+from patchrec.batching.hf_files import check_json_files, is_gguf, read_gguf
 
 # The decoder families patchrec runs exactly (model_type -> the transformers class it loads as). Their layers
 # run unchanged; only the attention function is patchrec's. Anything else is refused: loading it into another
@@ -39,6 +40,24 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",  # only without attention soft-capping (real Gemma 2 checkpoints have it)
     "gemma3_text": "Gemma3ForCausalLM",  # Gemma 3 text (1B; q/k norms, scaled embeddings, local/global RoPE)
 }
+
+
+# ---- files that do not read: one ValueError naming the file, not a library's traceback -------------------
+def check_weight_files(directory: Path) -> None:
+    """``FileNotFoundError`` when a model directory has no safetensors weights, ``ValueError`` naming a
+    weights file whose header or length is wrong (safetensors checks both when the file is opened, without
+    reading the tensors)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        weights = directory / "model.safetensors"
+        raise FileNotFoundError(f"{weights}: no such file (no *.safetensors weights in {directory})")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") \
+                from None
 
 
 def unsupported_features(config: PretrainedConfig) -> list[str]:
@@ -84,11 +103,12 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 def read_config(path: str | Path) -> PretrainedConfig:
     """The transformers config of an HF directory or a ``.gguf`` file, read offline."""
     if is_gguf(path):
-        folder, name = gguf_parts(path)
-        return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return read_gguf(path, lambda folder, name: AutoConfig.from_pretrained(
+            folder, gguf_file=name, local_files_only=True))
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory or a .gguf file")
+    check_json_files(path)
     # The family first, from the raw file: transformers cannot even parse a model_type it does not know.
     raw = json.loads((path / "config.json").read_text())
     _check_family(raw.get("model_type"), raw.get("architectures"), path)
@@ -106,9 +126,8 @@ def load_causal_lm(
     if is_gguf(path):
         from transformers import AutoModelForCausalLM
 
-        folder, name = gguf_parts(path)
-        read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32,
-                                                    local_files_only=True)  # fmt: skip
+        read = read_gguf(path, lambda folder, name: AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype or torch.float32, local_files_only=True))
         if type(read) is not model_class:
             raise ValueError(f"{path}: read as a {type(read).__name__}, expected {model_class.__name__}")
         config = read.config
@@ -120,5 +139,6 @@ def load_causal_lm(
         if attn_implementation is not None:
             plain.set_attn_implementation(attn_implementation)
         return plain
+    check_weight_files(Path(path))
     return model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                        attn_implementation=attn_implementation)

@@ -34,6 +34,7 @@ from patchrec.reports.persrec_tables import (
     staleness_rows,
     staleness_table,
 )
+from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
 
 RESULTS_DIR = Path("benches") / "results"
 BLOCK = re.compile(r"<!-- result: (\S+?)/(\S+) -->\n(.*?)<!-- /result -->", flags=re.S)
@@ -79,12 +80,23 @@ def _horizon(path: Path) -> dict[str, str]:
     return {"table": horizon_table(_json(path / "horizon.json")["results"])}
 
 
+def _serve(path: Path) -> dict[str, str]:
+    points = _json(path / "serve.json")["points"]
+    table, ratios = serve_table(serve_summary(points)), serve_ratios(points)
+    return {"table": table, "ratios": ratios, "summary": table + "\n" + ratios}
+
+
+def _serve_command(path: Path) -> str | None:
+    return _json(path / "serve.json").get("command") if (path / "serve.json").is_file() else None
+
+
 RESULTS: dict[str, Result] = {
     r.name: r
     for r in (
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
         Result("persrec-horizon-ml1m", _horizon, {"summary.md": "table"}, _summary_command),
+        Result("serve-cpu", _serve, {"summary.md": "summary"}, _serve_command),
     )
 }
 

@@ -62,6 +62,7 @@ from patchrec.data.dataset import Samples, make_samples
 from patchrec.model.decoder import PackedDecoder
 from patchrec.model.lora import merge_lora
 from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
+    kill_point,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -168,7 +169,10 @@ def _check_resume_config(out: Path, config: TrainConfig) -> None:
     saved_path = out / "train_config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{saved_path}: malformed JSON ({exc.msg}, line {exc.lineno})") from None
     now = config.to_dict()
     # Fields added after a run was saved hold their defaults there.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -184,11 +188,23 @@ def _log(path: Path, entry: dict[str, Any]) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from).
+
+    A last line without its newline is a write cut short by a kill: its step's checkpoint was never written
+    (a step logs before it saves), so it is past ``step`` and dropped with the others."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    write_atomic_text(path, "".join(ln + "\n" for ln in lines))
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # the piece after the last newline is empty or a torn write
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: malformed log line ({exc.msg})") from None
+        if entry.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -385,6 +401,7 @@ def _optimizer_step(run: _Stage, work: StepShard, scale: float) -> tuple[float, 
     clip = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
     grad_norm = clip_grad_norm(run.model, clip)
     lr = run.scheduler.get_last_lr()[0]
+    kill_point("step")  # a no-op outside tests (see patchrec.train.checkpoint.KILL_ENV)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

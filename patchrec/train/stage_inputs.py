@@ -4,6 +4,8 @@ subsets, the plan's PerSRec options and the model with its LoRA adapters, if any
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,12 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
     trained = out / "tokenizer"
     if not has_tokenizer(trained):
         prompt = [dataset.system_prompt, dataset.user_prompt]
-        train_title_tokenizer(dataset.titles, trained, config.tokenizer_vocab, extra_texts=prompt)
+        # Written aside, then renamed: a run killed mid-write leaves no half tokenizer to resume with.
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_title_tokenizer(dataset.titles, tmp, config.tokenizer_vocab, extra_texts=prompt)
+        shutil.rmtree(trained, ignore_errors=True)  # a directory without tokenizer files (nothing to keep)
+        os.replace(tmp, trained)
     return trained
 
 
