@@ -45,6 +45,7 @@ import torch
 from patchrec.batching.packed import PackedBatch
 from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations
 from patchrec.model.attention import BlockPlan
+from patchrec.persrec.state import PersrecState
 
 EOT_RULES = ("title_end", "leaf")
 RANK_RULES = ("first_equal", "last_prefix")
@@ -174,17 +175,19 @@ class _Group:
 def beam_search(
     model, batch: PackedBatch, trie: TitleTrie, *, beams: int = 20, groups: int = 20, diversity: float = 0.8,
     protocol: str | BeamProtocol = "authors", return_tokens: bool = False, persrec_cache: str = "on",
+    state: PersrecState | None = None,
 ) -> list[list[tuple]]:  # fmt: skip
     """Per sequence of a prompt-only batch: ``beams`` (title index, score[, tokens]) best first (fewer for
     ``clean`` when the catalog runs out). Title -1 only for an authors hypothesis ending on a masked token.
-    A persrec batch decodes from its state + final block (``persrec_cache``: see ``encode_prompts``)."""
+    A persrec batch decodes from its state + final block (``persrec_cache``, ``state``: see
+    ``encode_prompts``)."""
     if beams < 1 or groups < 1 or beams % groups:
         raise ValueError(f"groups must divide beams (beams={beams}, groups={groups})")
     if diversity < 0:
         raise ValueError(f"diversity must be >= 0, got {diversity}")
     proto = get_protocol(protocol)
     k = beams // groups
-    cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
+    cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
     device = cache.first_logprobs.device
     num_seq = batch.num_sequences
     state = {(s, g): _Group() for s in range(num_seq) for g in range(groups)}

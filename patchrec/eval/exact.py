@@ -28,7 +28,8 @@ import torch
 from patchrec.batching.packed import PackedBatch
 from patchrec.batching.tokens import TitleTable
 from patchrec.model.attention import BlockPlan, ContinuationPlan, PackedPlan, PromptCache
-from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full
+from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full, encode_with_state
+from patchrec.persrec.state import PersrecState
 
 # fp32 logits held at once by the output head ([rows, vocab] slices): 2^25 floats = 128 MiB.
 LOGIT_ELEMENTS = 1 << 25
@@ -90,12 +91,20 @@ def token_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     return out
 
 
-def encode_prompts(model, batch: PackedBatch, *, persrec_cache: str = "on") -> PromptCache:
+def encode_prompts(
+    model, batch: PackedBatch, *, persrec_cache: str = "on", state: PersrecState | None = None
+) -> PromptCache:
     """Run a packed prompt-only batch once; keep every layer's K/V and the first-token distribution.
 
     A persrec batch (with a block layout) keeps only what a continuation may see, the state (prefix and T
     rows) and the final block, computed in one pass (``persrec_cache="off"``) or from a state built first
-    from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``."""
+    from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``. ``state`` (one user per
+    sequence, e.g. a server's stored states) replaces the state the prompts' old blocks would give: only the
+    final blocks run (``encode_with_state``)."""
+    if state is not None:
+        if batch.layout is None:
+            raise ValueError("state applies to the persrec plan's segments and window layouts")
+        return encode_with_state(model, batch, state)
     if batch.layout is not None:
         if persrec_cache not in CACHE_MODES:
             raise ValueError(f"--persrec-cache must be one of {CACHE_MODES}, got {persrec_cache!r}")
@@ -149,12 +158,13 @@ def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def score_titles(
-    model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int, persrec_cache: str = "on"
-) -> torch.Tensor:
+    model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int, persrec_cache: str = "on",
+    state: PersrecState | None = None,
+) -> torch.Tensor:  # fmt: skip
     """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch
-    (``persrec_cache``: see ``encode_prompts``)."""
+    (``persrec_cache``, ``state``: see ``encode_prompts``)."""
     device = batch.cu_seqlens.device
-    cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
+    cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
     num_seq = batch.num_sequences
     lengths = catalog.lengths
     # Title rows of one pass = sequences x chunk tokens; the chunk takes the budget's share per sequence.
