@@ -47,6 +47,7 @@ from patchrec.eval.evaluate import exact_item_scores
 from patchrec.eval.exact import CatalogTitles
 from patchrec.model.lora import load_model
 from patchrec.persrec.stored import concat_states
+from patchrec.serve.config import DEFAULT_REFOLD_EVERY
 from patchrec.serve.llm_window import WindowStates
 from patchrec.serve.loading import file_sha256, fingerprint
 from patchrec.serve.scorers import Query, Scored
@@ -96,7 +97,8 @@ class LLMScorer:
 
     def __init__(self, model_dir: str | Path, data: str, settings: LLMSettings, *,
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, refold_every: int = 10) -> None:  # fmt: skip
+                 dtype: torch.dtype = torch.float32,
+                 refold_every: int = DEFAULT_REFOLD_EVERY) -> None:  # fmt: skip
         model_dir = Path(model_dir)
         self.settings = settings
         self.dataset = load_data(data)
