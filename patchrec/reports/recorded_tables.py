@@ -185,6 +185,10 @@ def _checked_benchmarks(path: Path) -> list[dict]:
     return _json(path)["benchmarks"]
 
 
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def persrec_latency_tables(path: Path) -> dict[str, str]:
     """``benches/bench_persrec_latency.py``'s JSON as tables: per model and op, min / median milliseconds of
     each method against history length (from the per-round times), and the state each method keeps."""
@@ -199,7 +203,7 @@ def persrec_latency_tables(path: Path) -> dict[str, str]:
         model = "sasrec" if info.get("model") == "sasrec" else f"llm ({info.get('preset', '-')})"
         data = np.asarray(b["stats"]["data"]) * 1e3
         cells.setdefault((model, info["op"], info["method"]), {})[info["history_items"]] = (
-            f"{data.min():.3g} / {np.median(data):.3g}")
+            f"{_ms(data.min())} / {_ms(np.median(data))}")
         state_cells.setdefault((model, info["method"]), {})[info["history_items"]] = info["state_bytes"]
     for (model, op, method), row in cells.items():
         times.append(f"| {model} | {op} | {method} | " + " | ".join(row.get(n, "-") for n in lengths) + " |")
