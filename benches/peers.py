@@ -32,7 +32,8 @@ from patchrec.data.dataset import Samples
 from patchrec.model.decoder import PackedDecoder
 from patchrec_kernels.patch_embed import token_scale
 
-ML1M = SHARED / "data" / "patchrec" / "ml-1m"
+DATA = SHARED / "data" / "patchrec"
+ML1M = DATA / "ml-1m"
 LLAMA3 = SHARED / "tokenizers" / "llama3"
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("tiny", "smollm2")
@@ -70,21 +71,22 @@ class Setup:
                 "dtype": str(DTYPE).removeprefix("torch."), "hf_attention": HF_ATTENTION}  # fmt: skip
 
 
-@functools.lru_cache(maxsize=1)
-def _dataset():
+@functools.lru_cache(maxsize=2)
+def _dataset(data: str):
     from patchrec.data.release import load_release
 
-    return load_release(ML1M)
+    return load_release(DATA / data)
 
 
 @functools.lru_cache(maxsize=2)
-def load(name: str) -> Setup:
-    """ML-1M tokenised for ``name``'s tokenizer and the model (seeded: the same weights in every run)."""
+def load(name: str, data: str = "ml-1m") -> Setup:
+    """A release (ML-1M by default) tokenised for ``name``'s tokenizer, and the model (seeded: the same
+    weights in every run)."""
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
 
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    dataset = _dataset()
+    dataset = _dataset(data)
     torch.manual_seed(0)  # the marker rows SmolLM2 gains are drawn at random
     if name == "tiny":
         tokens = tokenize_dataset(load_tokenizer(LLAMA3), dataset)
