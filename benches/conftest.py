@@ -6,6 +6,7 @@ picks there), and the Triton providers of bench_patch_embed skip without CUDA.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -26,3 +27,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # Every benchmark JSON carries the command that wrote it and how busy the machine was, so that a
+    # committed result can be re-run exactly and its timings read in context (docs/results.md).
+    machine_info["command"] = " ".join(["python -m pytest", *sys.argv[1:]])
+    machine_info["load_avg_start"] = list(os.getloadavg())

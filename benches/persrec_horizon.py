@@ -26,6 +26,7 @@ from patchrec.baselines.checkpoint import load_baseline
 from patchrec.baselines.train import cu_seqlens_of, score_last
 from patchrec.data.dataset import gather_ragged, make_samples
 from patchrec.data.source import load_data
+from patchrec.reports.persrec_tables import horizon_table
 
 TOP = 20
 
@@ -69,24 +70,6 @@ def study(run: Path, dataset, max_back: int, limit: int, seed: int) -> dict:
     return {"run": run.name, "segment": segment, "samples": chosen.tolist(), "per_j": per_j}
 
 
-def mean_se(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
-
-
-def table(results: list[dict]) -> str:
-    lines = ["| run | j (segments back) | top-20 overlap | relative score change | abs. target-rank change |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for res in results:
-        for back, values in res["per_j"].items():
-            (o, os_), (r, rs), (k, ks) = (
-                mean_se(values[key]) for key in ("top20_overlap", "relative_change", "rank_change")
-            )
-            text = f"{o:.4f} ± {os_:.4f} | {r:.2e} ± {rs:.1e} | {k:.2f} ± {ks:.2f}"
-            lines.append(f"| {res['run']} (n={len(res['samples'])}) | {back} | {text} |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,10 +87,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [study(Path(args.runs) / n, dataset, args.max_back, args.limit, args.seed) for n in args.names]
-    (out / "horizon.json").write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args),
-                                                  "results": results}) + "\n")  # fmt: skip
-    (out / "summary.md").write_text(table(results))
-    print(table(results))
+    record = {"command": " ".join(["python", *sys.argv]), "args": vars(args), "results": results}
+    (out / "horizon.json").write_text(json.dumps(record) + "\n")
+    (out / "summary.md").write_text(horizon_table(results))
+    print(horizon_table(results))
     return 0
 
 

@@ -26,9 +26,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from patchrec.eval.paired import paired_difference, seed_mean
+from patchrec.reports.persrec_tables import persrec_id_pairs, persrec_id_summary, persrec_id_table
 
 VARIANTS = {
     "full": ["--max-items", "{history}"],
@@ -37,10 +35,6 @@ VARIANTS = {
     "rolling": ["--persrec-tokens", "{k}", "--persrec-layout", "rolling", "--persrec-segment", "{segment}"],
     "recent": ["--max-items", "{recent}"],
 }  # fmt: skip
-METRICS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
-# (a, b) rows compared sample by sample
-PAIRS = [("window", "full"), ("rolling", "full"), ("recent", "full"), ("window", "recent"),
-         ("rolling", "recent"), ("rolling", "window")]  # fmt: skip
 
 
 def command(args, model: str, variant: str, seed: int, out: Path) -> list[str]:
@@ -66,47 +60,15 @@ def run_one(args, model: str, variant: str, seed: int) -> Path:
     return out
 
 
-def summarize(args, runs: dict[tuple[str, str, int], Path]) -> dict:
-    results = {key: json.loads((path / "results.json").read_text()) for key, path in runs.items()}
-    rows, pairs = [], []
-    for model in args.models:
-        ranks = {}
-        for variant in args.variants:
-            per_seed = [results[(model, variant, s)] for s in args.seeds]
-            ranks[variant] = [r["ranks"] for r in per_seed]
-            values = {m: [r["metrics"][m] for r in per_seed] for m in METRICS}
-            training = [r["training"] for r in per_seed]
-            rows.append({
-                "model": model, "variant": variant, "history_items": per_seed[0]["config"]["max_items"],
-                "seeds": list(args.seeds), "num_samples": per_seed[0]["num_samples"],
-                **{m: float(np.mean(v)) for m, v in values.items()},
-                **{f"{m}_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
-                "best_epochs": [t["best_epoch"] for t in training],
-                "train_s_mean": float(np.mean([t["seconds"] for t in training])),
-            })  # fmt: skip
-        for a, b in PAIRS:
-            if a in ranks and b in ranks:
-                for metric in ("HR@20", "NDCG@10"):
-                    diff = paired_difference(seed_mean(ranks[a], metric), seed_mean(ranks[b], metric))
-                    pairs.append({"model": model, "a": a, "b": b, "metric": metric, **diff})
-    return {"command": " ".join(sys.argv), "args": vars(args), "rows": rows, "pairs": pairs}
-
-
-def table(summary: dict) -> str:
-    lines = ["| model | variant | history items | " + " | ".join(METRICS) + " | best epochs | train s |",
-             "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]  # fmt: skip
-    for r in summary["rows"]:
-        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_sd']:.4f}" for m in METRICS)
-        epochs = ",".join(str(e) for e in r["best_epochs"])
-        lines.append(f"| {r['model']} | {r['variant']} | {r['history_items']} | {cells} | {epochs} "
-                     f"| {r['train_s_mean']:.0f} |")  # fmt: skip
-    lines += ["", "Paired differences (a - b; per-sample metric averaged over seeds; s.e. and 95% bootstrap "
-              "interval over test samples):", "", "| model | a - b | metric | a | b | diff | s.e. | 95% CI |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for p in summary["pairs"]:
-        lines.append(f"| {p['model']} | {p['a']} - {p['b']} | {p['metric']} | {p['a']:.4f} | {p['b']:.4f} "
-                     f"| {p['diff']:+.4f} | {p['se']:.4f} | [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] |")
-    return "\n".join(lines) + "\n"
+def write_summary(args, out: Path) -> str:
+    """summary.json (the command, the arguments, rows and paired differences) and summary.md, computed from
+    the runs' per-sample ranks (``patchrec.reports.persrec_tables``; ``patchrec results check`` reuses it)."""
+    summary = persrec_id_summary(out / "runs", args.models, args.variants, args.seeds)
+    summary = {"command": " ".join(["python", *sys.argv]), "args": vars(args), **summary}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = persrec_id_table(summary) + "\n" + persrec_id_pairs(summary)
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def main() -> int:
@@ -126,16 +88,17 @@ def main() -> int:
     parser.add_argument("--segment", type=int, default=50, help="N, the rolling segment (50)")
     parser.add_argument("--tokens", type=int, default=4, help="k, PerSRec tokens (4)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each (2)")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite the summary from finished runs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keys = [(m, v, s) for s in args.seeds for m in args.models for v in args.variants]
+    if args.summary_only:
+        print(write_summary(args, out))
+        return 0
     with ThreadPoolExecutor(args.jobs) as pool:
-        paths = list(pool.map(lambda key: run_one(args, *key), keys))
-    summary = summarize(args, dict(zip(keys, paths, strict=True)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(table(summary))
-    print(table(summary))
+        list(pool.map(lambda key: run_one(args, *key), keys))
+    print(write_summary(args, out))
     return 0
 
 

@@ -18,14 +18,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from patchrec.baselines.checkpoint import load_baseline
 from patchrec.data.dataset import make_samples
 from patchrec.data.source import load_data
 from patchrec.eval.metrics import rank_samples, ranking_metrics
-from patchrec.eval.paired import paired_difference, per_sample
 from patchrec.persrec.staleness import stale_scorer
+from patchrec.reports.persrec_tables import staleness_rows, staleness_table
 
 
 def study(run: Path, dataset, lags: list[int]) -> dict:
@@ -35,29 +36,14 @@ def study(run: Path, dataset, lags: list[int]) -> dict:
     for lag in [0, *lags]:
         ranks[lag] = rank_samples(stale_scorer(model, samples, lag), samples, desc=f"{run.name} m={lag}")
         print(f"{run.name} m={lag}: {ranking_metrics(ranks[lag], (10, 20))}", flush=True)
-    rows = []
-    for lag in lags:
-        row = {"m": lag}
-        for metric in ("HR@20", "NDCG@10"):
-            diff = paired_difference(per_sample(ranks[lag], metric), per_sample(ranks[0], metric))
-            row[metric] = diff
-        rows.append(row)
     return {"run": run.name, "layout": config["model_config"]["persrec_layout"], "model": config["model"],
-            "rows": rows, "ranks": {str(m): r.tolist() for m, r in ranks.items()}}  # fmt: skip
+            "lags": list(lags), "ranks": {str(m): r.tolist() for m, r in ranks.items()}}  # fmt: skip
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| run | m | HR@20 refolded | HR@20 stale | diff (s.e.) [95% CI] | NDCG@10 refolded "
-             "| NDCG@10 stale | diff (s.e.) [95% CI] |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for res in results:
-        for row in res["rows"]:
-            cells = []
-            for metric in ("HR@20", "NDCG@10"):
-                d = row[metric]
-                cells.append(f"{d['b']:.4f} | {d['a']:.4f} | {d['diff']:+.4f} ({d['se']:.4f}) "
-                             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")  # fmt: skip
-            lines.append(f"| {res['run']} | {row['m']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def with_rows(result: dict) -> dict:
+    """A study's result with its paired rows, computed from the saved per-sample ranks."""
+    ranks = {int(m): np.asarray(r) for m, r in result["ranks"].items()}
+    return result | {"rows": staleness_rows(ranks, result["lags"])}
 
 
 def main() -> int:
@@ -81,12 +67,12 @@ def main() -> int:
         target = out / f"{name}.json"
         if not target.exists():  # resumable: one file per run
             target.write_text(json.dumps(study(Path(args.runs) / name, dataset, args.lags)) + "\n")
-        results.append(json.loads(target.read_text()))
-    summary = {"command": " ".join(sys.argv), "args": vars(args),
+        results.append(with_rows(json.loads(target.read_text())))
+    summary = {"command": " ".join(["python", *sys.argv]), "args": vars(args),
                "results": [{k: v for k, v in r.items() if k != "ranks"} for r in results]}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(table(results))
-    print(table(results))
+    (out / "summary.md").write_text(staleness_table(results))
+    print(staleness_table(results))
     return 0
 
 

@@ -16,6 +16,8 @@ COMMANDS = {
     "demo": "patchrec.commands.demo",
     "reproduce": "patchrec.commands.reproduce",
     "bench": "patchrec.commands.bench",
+    "results": "patchrec.commands.results",
+    "serve": "patchrec.commands.serve",
 }
 
 

@@ -266,10 +266,11 @@ def main(
     half = round(demo.steps * demo.pretrain_share)
     origin = demo.backbone or (f"tiny + catalog-text stage ({demo.catalog_steps} steps)"
                                if demo.catalog_steps else "tiny, random init")
+    serve = f"serve the PFT-I model over HTTP: patchrec serve --model {Path(out) / 'pft-i'}\n" if out else ""
     return (f"{table}\n\nsynthetic: {demo.users} users, {demo.items} items, L={demo.max_items}; "
             f"every LLM starts from the same backbone [{origin}] and takes {demo.steps} optimizer steps "
             f"of {demo.batch_size} samples (PFT-I: {half} patch pre-training + {demo.steps - half} PFT-I); "
             f"'vanilla SFT, last {demo.short_items}' reads about as many history rows as PFT-I "
             f"(equal compute); "
             f"exact whole-catalog ranking of {num_test} test samples (unmasked); "
-            f"wall time {time.perf_counter() - start:.0f} s\n")
+            f"wall time {time.perf_counter() - start:.0f} s\n{serve}")

@@ -10,13 +10,15 @@ import functools
 import importlib
 import logging
 import os
+import re
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 try:  # triton is a Linux-only dependency; the ops fall back to their references without it
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
@@ -65,17 +67,48 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string such as "3.6.0", "2.4.0rc1" or "3.7.0+git1a2b"."""
+    return tuple(int(m.group()) for m in (re.match(r"\d+", part) for part in version.split(".")[:3]) if m)
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels with the installed triton and numpy, or None.
+
+    Triton < 3.7's interpreter turns one-element arrays into Python ints with ``int(array)``, which numpy
+    >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars", Triton issue 9171, fixed
+    in 3.7): every kernel launch would fail deep inside ``triton/runtime/interpreter.py``. Compiled CUDA
+    kernels do not use the interpreter and are unaffected. The versions default to the installed ones."""
+    if triton_version is None:
+        if not HAS_TRITON:
+            return None
+        triton_version = triton.__version__
+    numpy_version = numpy_version or np.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) does not run with numpy "
+                f"{numpy_version}: install numpy<2.4 or triton>=3.7 for CPU kernels, or unset "
+                "TRITON_INTERPRET to use the PyTorch references (CUDA kernels are unaffected)")
+    return None
+
+
 def triton_can_run(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can take ``tensor``: CUDA tensors always, CPU tensors under the interpreter.
 
     Launching on a CPU tensor without the interpreter fails with "0 active drivers", so the public ops use
-    this to pick their pure-PyTorch reference instead.
+    this to pick their pure-PyTorch reference instead. Under an interpreter that cannot run with the
+    installed numpy (``interpreter_problem``) it raises one ``RuntimeError`` saying so, rather than letting
+    the launch fail inside Triton.
     """
     if not HAS_TRITON:
         return False
     if tensor.is_cuda:
         return True
-    return tensor.device.type == "cpu" and triton_interpret()
+    if tensor.device.type != "cpu" or not triton_interpret():
+        return False
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    return True
 
 
 def validation_enabled(validate: bool | None) -> bool:

@@ -16,10 +16,21 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if HAS_CUDA else "1")
 # Define the kernels now, under that setting: a test that imports them first while it has switched the
 # interpreter off (the reference_ops fixture) would otherwise leave them compiled-only for every later test.
 import patchrec_kernels  # noqa: E402, F401
+from patchrec_kernels.runtime import interpreter_problem, triton_interpret  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
 LLAMA3_TOKENIZER = SHARED / "tokenizers" / "llama3"
+
+
+def pytest_sessionstart(session):
+    # Without CUDA the kernel tests need Triton's interpreter; with a triton/numpy pair it cannot run
+    # (runtime.interpreter_problem: triton < 3.7 with numpy >= 2.4) every kernel launch would fail inside
+    # Triton. The run stops here, red, with that one message instead.
+    if not HAS_CUDA and triton_interpret():
+        problem = interpreter_problem()
+        if problem is not None:
+            pytest.exit(f"unsupported environment for the test suite: {problem}", returncode=1)
 
 
 def pytest_collection_modifyitems(config, items):

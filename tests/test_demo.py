@@ -23,6 +23,7 @@ def test_quick_demo(tmp_path, capsys):
     for name in ("popularity", "topic oracle", "vanilla SFT", "pretrain -> PFT-I", "vanilla SFT, last"):
         assert name in printed
     assert "wall time" in printed and "optimizer steps" in printed
+    assert f"patchrec serve --model {out / 'pft-i'}" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["ranking"] == "exact" and results["mask_history"] is False

@@ -57,9 +57,12 @@ def cli_flags(values: dict) -> list[str]:
     return flags
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N`` (a free port of its own), one thread per process."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+def torchrun(
+    args: list[str], cwd: Path, nproc: int = 2, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N`` (a free port of its own), one thread per process; ``env``
+    adds variables."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"} | (env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

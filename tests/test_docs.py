@@ -96,3 +96,27 @@ def test_no_page_refers_to_developer_notes(page):
     text = page.read_text()
     for word in ("docs/method.md", "DESIGN.md", "shared/docs"):
         assert word not in text, f"{page.name} mentions {word}, which users do not have"
+
+
+# ---- CI runs the README's commands -------------------------------------------------------------------------
+def _readme_section_bash(title: str) -> list[list[str]]:
+    """The command lines (comments and blank lines dropped) of each bash block of README section ``title``."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert section, f"README.md has no '## {title}' section"
+    blocks = [body for lang, body in FENCE.findall(section.group(1)) if lang == "bash"]
+    commands = [[ln.split("#", 1)[0].strip() for ln in block.splitlines()] for block in blocks]
+    return [[ln for ln in block if ln] for block in commands]
+
+
+def test_ci_installs_and_tests_with_the_readmes_commands():
+    """A missing install step must turn CI red: .ci/run's main environment is set up with exactly the
+    README's install lines (in order, nothing in between) and runs exactly the README's test command."""
+    install = _readme_section_bash("Install")[0]
+    assert install == ["pip install torch==2.13.0", 'pip install -e ".[test]"'], install
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    starts = [i for i in range(len(ci)) if ci[i : i + len(install)] == install]
+    assert starts, f".ci/run does not contain the README's install lines {install} in a row"
+    (test_command,) = _readme_section_bash("Test")[0]
+    assert test_command == "python -m pytest -q"
+    assert test_command in ci[starts[0] :], ".ci/run does not run the README's test command after installing"

@@ -68,11 +68,15 @@ def _model_device(model) -> torch.device:
 
 def exact_item_scores(
     model, tokens: TokenizedDataset, samples: Samples, index: np.ndarray, catalog: CatalogTitles, *,
-    planner: Planner, max_rows: int, persrec_cache: str = "on", shared_prefixes: bool | PrefixTree = True,
+    planner: Planner, max_rows: int, persrec_cache: str = "on", memory: torch.Tensor | None = None,
+    shared_prefixes: bool | PrefixTree = True,
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [len(index), N]: every item's title log-likelihood, duplicates of a title set to -inf except one
-    copy (the row's target when it carries that title, else the lowest item id); ``shared_prefixes``: see
-    ``patchrec.eval.exact.score_titles``."""
+    copy (the row's target when it carries that title, else the lowest item id).
+
+    ``memory`` [len(samples), k, D] (PerSRec's rolling layout): each sample's memory, e.g. a served user's
+    stored state, read by its prompt instead of the memory its batch's fold passes would compute.
+    ``shared_prefixes``: see ``patchrec.eval.exact.score_titles`` (a ``PrefixTree`` built once to reuse)."""
     device = _model_device(model)
     tree = shared_prefixes
     if tree is True:  # built once here, not per batch (~1 s for ML-1M)
@@ -81,6 +85,10 @@ def exact_item_scores(
     row_of = {int(s): r for r, s in enumerate(index.tolist())}
     for batch in iter_batches(samples, planner, tokens, max_rows, order=index, answer=False):
         batch = batch.to(device)
+        if memory is not None:
+            if batch.memory_rows is None:
+                raise ValueError("memory applies to the persrec plan's rolling layout")
+            batch.memory = memory.to(device).index_select(0, batch.sample_ids)
         scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows,
                               persrec_cache=persrec_cache, shared_prefixes=tree).cpu()  # fmt: skip
         rows = [row_of[int(s)] for s in batch.sample_ids.tolist()]

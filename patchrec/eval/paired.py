@@ -50,8 +50,8 @@ def paired_difference(
     boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
     low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return {
-        "a": float(a.mean()),
-        "b": float(b.mean()),
+        "a_mean": float(a.mean()),
+        "b_mean": float(b.mean()),
         "diff": float(diff.mean()),
         "se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
         "ci_low": float(low),

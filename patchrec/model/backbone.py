@@ -20,10 +20,13 @@ the same file.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 GGUF_SUFFIX = ".gguf"
@@ -38,6 +41,10 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",  # only without attention soft-capping (real Gemma 2 checkpoints have it)
     "gemma3_text": "Gemma3ForCausalLM",  # Gemma 3 text (1B; q/k norms, scaled embeddings, local/global RoPE)
 }
+# The JSON files of a model or tokenizer directory that transformers reads (when present).
+JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+T = TypeVar("T")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -50,6 +57,53 @@ def _gguf_parts(path: str | Path) -> tuple[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     return str(path.parent), path.name
+
+
+# ---- files that do not read: one ValueError naming the file, not a library's traceback -------------------
+def check_json_files(directory: Path) -> None:
+    """``ValueError`` naming the first of ``JSON_FILES`` in ``directory`` that is not valid UTF-8 JSON (a
+    truncated or corrupted write); transformers' own errors name no file or only a directory."""
+    for name in JSON_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (corrupted?)") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: malformed JSON (truncated or corrupted?): {exc.msg} (line "
+                             f"{exc.lineno}, column {exc.colno})") from None
+
+
+def check_weight_files(directory: Path) -> None:
+    """``FileNotFoundError`` when a model directory has no safetensors weights, ``ValueError`` naming a
+    weights file whose header or length is wrong (safetensors checks both when the file is opened, without
+    reading the tensors)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        weights = directory / "model.safetensors"
+        raise FileNotFoundError(f"{weights}: no such file (no *.safetensors weights in {directory})")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") \
+                from None
+
+
+def read_gguf(path: str | Path, read: Callable[[str, str], T]) -> T:
+    """``read(folder, name)`` on a ``.gguf`` file; any failure of the GGUF reader on the file's bytes (it
+    raises struct.error, ValueError, IndexError, ... deep inside) is one ``ValueError`` naming the file."""
+    folder, name = _gguf_parts(path)
+    try:
+        return read(folder, name)
+    except ImportError:
+        raise  # a missing package (gguf, or one it needs): the environment's problem, not the file's
+    except Exception as exc:  # noqa: BLE001 - many error types, all meaning "this file does not read"
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {first})") from exc
 
 
 def unsupported_features(config: PretrainedConfig) -> list[str]:
@@ -95,11 +149,12 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 def read_config(path: str | Path) -> PretrainedConfig:
     """The transformers config of an HF directory or a ``.gguf`` file, read offline."""
     if is_gguf(path):
-        folder, name = _gguf_parts(path)
-        return AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return read_gguf(path, lambda folder, name: AutoConfig.from_pretrained(
+            folder, gguf_file=name, local_files_only=True))
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'}: not a Hugging Face model directory or a .gguf file")
+    check_json_files(path)
     # The family first, from the raw file: transformers cannot even parse a model_type it does not know.
     raw = json.loads((path / "config.json").read_text())
     _check_family(raw.get("model_type"), raw.get("architectures"), path)
@@ -117,9 +172,8 @@ def load_causal_lm(
     if is_gguf(path):
         from transformers import AutoModelForCausalLM
 
-        folder, name = _gguf_parts(path)
-        read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32,
-                                                    local_files_only=True)  # fmt: skip
+        read = read_gguf(path, lambda folder, name: AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype or torch.float32, local_files_only=True))
         if type(read) is not model_class:
             raise ValueError(f"{path}: read as a {type(read).__name__}, expected {model_class.__name__}")
         config = read.config
@@ -131,6 +185,7 @@ def load_causal_lm(
         if attn_implementation is not None:
             plain.set_attn_implementation(attn_implementation)
         return plain
+    check_weight_files(Path(path))
     return model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                        attn_implementation=attn_implementation)
 
@@ -140,12 +195,19 @@ def load_hf_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     if is_gguf(path):
-        folder, name = _gguf_parts(path)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return read_gguf(path, lambda folder, name: AutoTokenizer.from_pretrained(
+            folder, gguf_file=name, local_files_only=True))
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    check_json_files(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # valid JSON that the tokenizers library cannot build a tokenizer from
+        if isinstance(exc, (ValueError, FileNotFoundError)):
+            raise
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable tokenizer ({type(exc).__name__}: {first})") from exc
 
 
 def has_tokenizer(path: str | Path) -> bool:

@@ -6,6 +6,7 @@ segment-isolated attention, so that their keys/values are a cached per-user stat
 - ``reference``: the explicit dense mask, the ground truth the tests compare with;
 - ``sequence``: the ID models' side (SASRec, HSTU): full forward, ``PersrecState``, folding segments into it,
   ranking from it, and ``CachedUser`` (a user's state kept up to date as interactions arrive);
+- ``stored``: one user's state as safetensors bytes, and stored states batched again (``patchrec serve``);
 - ``llm``: the LLM ``persrec`` plan's prompt encoding, whole or from a cached state (imported on its own:
   it builds on ``patchrec.batching.pack`` and ``patchrec.eval.exact``).
 """

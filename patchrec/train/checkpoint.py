@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,30 @@ import torch
 from patchrec.model.decoder import PackedDecoder
 
 STATE_FILE = "trainer_state.pt"
+# Test hook (tests/test_crash.py): ``PATCHREC_KILL_AT=POINT:N[:RANK]`` makes the process SIGKILL itself the
+# N-th time it reaches ``kill_point(POINT)`` (only on that torchrun rank when RANK is given), so that a test
+# can land a hard kill exactly inside a step or a checkpoint write. Points: ``step`` (gradients accumulated,
+# weights not yet updated) and ``checkpoint`` (the checkpoint's model files written to its temporary
+# directory, the trainer state not yet). Unset (always, outside tests), ``kill_point`` is one lookup.
+KILL_ENV = "PATCHREC_KILL_AT"
+KILL_POINTS = ("step", "checkpoint")
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process here when ``PATCHREC_KILL_AT`` names this point and count (see ``KILL_ENV``)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    count, _, rank = rest.partition(":")
+    if point not in KILL_POINTS or not count.isdigit() or not (rank == "" or rank.isdigit()):
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected POINT:N[:RANK] with POINT one of {KILL_POINTS}")
+    if point != name or (rank and rank != os.environ.get("RANK", "0")):
+        return
+    _kill_counts[name] = _kill_counts.get(name, 0) + 1
+    if _kill_counts[name] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -107,6 +133,7 @@ def save_checkpoint(
              "position": dict(position)}
 
     def write_state(tmp: Path) -> None:
+        kill_point("checkpoint")
         torch.save(state, tmp / STATE_FILE)
         (tmp / "state.json").write_text(json.dumps(dict(position) | (info or {})) + "\n")
 
@@ -119,8 +146,16 @@ def save_checkpoint(
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     # Tensors, numbers, strings and containers only (see rng_states): no arbitrary unpickling.
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        # torch's own messages (a zip reader's internals, or advice to turn off weights_only) name no file.
+        raise ValueError(f"{path}: not a readable trainer state (truncated or corrupted?): "
+                         f"{type(exc).__name__}") from exc
 
 
-__all__ = ["STATE_FILE", "latest_checkpoint", "load_trainer_state", "rng_states", "save_checkpoint",
-           "save_model_dir", "set_rng_states"]
+__all__ = ["KILL_ENV", "STATE_FILE", "kill_point", "latest_checkpoint", "load_trainer_state", "rng_states",
+           "save_checkpoint", "save_model_dir", "set_rng_states"]

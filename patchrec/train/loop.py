@@ -43,6 +43,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ from patchrec.model.lora import (
     merge_lora,
 )
 from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
+    kill_point,
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -190,7 +193,12 @@ def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | N
         from patchrec.batching.tokenizer_train import train_title_tokenizer
 
         prompt = [dataset.system_prompt, dataset.user_prompt]
-        train_title_tokenizer(dataset.titles, trained, config.tokenizer_vocab, extra_texts=prompt)
+        # Written aside, then renamed: a run killed mid-write leaves no half tokenizer to resume with.
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_title_tokenizer(dataset.titles, tmp, config.tokenizer_vocab, extra_texts=prompt)
+        shutil.rmtree(trained, ignore_errors=True)  # a directory without tokenizer files (nothing to keep)
+        os.replace(tmp, trained)
     return trained
 
 
@@ -262,7 +270,10 @@ def _check_resume_config(out: Path, config: TrainConfig) -> None:
     saved_path = out / "train_config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{saved_path}: malformed JSON ({exc.msg}, line {exc.lineno})") from None
     now = config.to_dict()
     # Fields added after a run was saved hold their defaults there.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -278,11 +289,23 @@ def _log(path: Path, entry: dict[str, Any]) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from).
+
+    A last line without its newline is a write cut short by a kill: its step's checkpoint was never written
+    (a step logs before it saves), so it is past ``step`` and dropped with the others."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    write_atomic_text(path, "".join(ln + "\n" for ln in lines))
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # the piece after the last newline is empty or a torn write
+    kept = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: malformed log line ({exc.msg})") from None
+        if entry.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -497,6 +520,7 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(model, clip)
         lr = scheduler.get_last_lr()[0]
+        kill_point("step")  # a no-op outside tests (see patchrec.train.checkpoint.KILL_ENV)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

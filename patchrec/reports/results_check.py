@@ -1,0 +1,142 @@
+"""Every committed result recomputed from its raw files, and every result table quoted in the docs checked
+against that recomputation (``patchrec results check``).
+
+A result is a directory or file under ``benches/results/`` holding the exact command that wrote it, its
+configuration, its raw data (per-sample ranks, or per-round timings) and a summary. Each one is registered
+in ``RESULTS`` with a renderer that recomputes its tables (markdown blocks) from the raw data alone. The check
+fails when
+
+- a registered result is missing, or records no command;
+- a stored metric differs from the one recomputed from its ranks (the renderers check as they read);
+- a summary file of the result differs from its recomputed block;
+- a docs page quotes a block (between ``<!-- result: NAME/BLOCK -->`` and ``<!-- /result -->``) whose text
+  differs from the recomputed one;
+- a file or directory under ``benches/results/`` is not registered (new results must be).
+
+``patchrec results render NAME`` prints a result's blocks, ready to paste into a page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from patchrec.reports.persrec_tables import (
+    horizon_table,
+    persrec_id_pairs,
+    persrec_id_summary,
+    persrec_id_table,
+    staleness_rows,
+    staleness_table,
+)
+from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
+
+RESULTS_DIR = Path("benches") / "results"
+BLOCK = re.compile(r"<!-- result: (\S+?)/(\S+) -->\n(.*?)<!-- /result -->", flags=re.S)
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str  # the entry under benches/results/
+    render: Callable[[Path], dict[str, str]]  # raw files -> {block name: markdown}
+    summaries: dict[str, str] = field(default_factory=dict)  # file in the result -> the block it must equal
+    command: Callable[[Path], str | None] = lambda path: None  # the recorded command, None if missing
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _summary_command(path: Path) -> str | None:
+    for name in ("summary.json", "horizon.json"):
+        if (path / name).is_file():
+            return _json(path / name).get("command")
+    return None
+
+
+def _persrec_id(path: Path) -> dict[str, str]:
+    args = _json(path / "summary.json")["args"]
+    summary = persrec_id_summary(path / "runs", args["models"], args["variants"], args["seeds"])
+    table, pairs = persrec_id_table(summary), persrec_id_pairs(summary)
+    return {"table": table, "pairs": pairs, "summary": table + "\n" + pairs}
+
+
+def _staleness(path: Path) -> dict[str, str]:
+    names = _json(path / "summary.json")["args"]["names"]
+    results = []
+    for name in names:
+        raw = _json(path / f"{name}.json")
+        ranks = {int(m): np.asarray(r) for m, r in raw["ranks"].items()}
+        results.append(raw | {"rows": staleness_rows(ranks, raw["lags"])})
+    return {"table": staleness_table(results)}
+
+
+def _horizon(path: Path) -> dict[str, str]:
+    return {"table": horizon_table(_json(path / "horizon.json")["results"])}
+
+
+def _serve(path: Path) -> dict[str, str]:
+    points = _json(path / "serve.json")["points"]
+    table, ratios = serve_table(serve_summary(points)), serve_ratios(points)
+    return {"table": table, "ratios": ratios, "summary": table + "\n" + ratios}
+
+
+def _serve_command(path: Path) -> str | None:
+    return _json(path / "serve.json").get("command") if (path / "serve.json").is_file() else None
+
+
+RESULTS: dict[str, Result] = {
+    r.name: r
+    for r in (
+        Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
+        Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
+        Result("persrec-horizon-ml1m", _horizon, {"summary.md": "table"}, _summary_command),
+        Result("serve-cpu", _serve, {"summary.md": "summary"}, _serve_command),
+    )
+}
+
+
+def render(root: Path, name: str) -> dict[str, str]:
+    """The recomputed blocks of result ``name`` of the repository at ``root``."""
+    if name not in RESULTS:
+        raise ValueError(f"unknown result {name!r}; registered: {', '.join(sorted(RESULTS))}")
+    path = root / RESULTS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: registered result {name!r} is missing")
+    return RESULTS[name].render(path)
+
+
+def check(root: Path, pages: list[Path] | None = None) -> list[str]:
+    """Every problem found (empty when all is well); see the module docstring."""
+    root = Path(root)
+    problems, blocks = [], {}
+    for name, result in RESULTS.items():
+        path = root / RESULTS_DIR / name
+        try:
+            blocks[name] = render(root, name)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            problems.append(f"{name}: {err}")
+            continue
+        if not result.command(path):
+            problems.append(f"{name}: no command recorded")
+        for file, block in result.summaries.items():
+            if (path / file).read_text() != blocks[name][block]:
+                problems.append(f"{name}/{file} differs from the table recomputed from its raw files")
+    for entry in sorted((root / RESULTS_DIR).iterdir()) if (root / RESULTS_DIR).is_dir() else []:
+        if entry.name not in RESULTS:
+            problems.append(f"{RESULTS_DIR / entry.name}: not registered in patchrec.reports.results_check")
+    if pages is None:
+        pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for page in pages:
+        for name, block, text in BLOCK.findall(page.read_text()):
+            want = blocks.get(name, {}).get(block)
+            if want is None:
+                problems.append(f"{page.name}: quotes {name}/{block}, which is not a recomputed block")
+            elif text != want:
+                problems.append(f"{page.name}: {name}/{block} differs from its recomputation")
+    return problems
