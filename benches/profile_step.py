@@ -98,17 +98,18 @@ def run(config: str, args, setup, initial: dict) -> tuple[dict, str]:
 
 
 def header(result: dict, vocab: int) -> list[str]:
+    r = result
     lines = [
-        f"tiny preset training step, {result['plan']} L={result['L']}, {result['samples']} samples, CPU, one "
-        f"thread; GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'}; load average "
-        f"{result['load_average_before']:.2f} -> {result['load_average_after']:.2f} on {result['cores']} cores",
-        f"fixed cost = self CPU time of the ops on a tensor with {vocab} (V) rows + the optimizer step's own, "
-        "per step",
+        f"tiny preset training step, {r['plan']} L={r['L']}, {r['samples']} samples, CPU, one thread; "
+        f"GLIBC_TUNABLES={r['glibc_tunables'] or '(unset)'}; load average "
+        f"{r['load_average_before']:.2f} -> {r['load_average_after']:.2f} on {r['cores']} cores",
+        f"fixed cost = self CPU time of the ops on a tensor with {vocab} (V) rows + the optimizer step's "
+        "own, per step",
         "",
     ]
-    for s in result["configs"]:
-        lines.append(f"{s['config']:>12}: step min {s['step_min_s']:.3f} s, median {s['step_median_s']:.3f} s; "
-                     f"profiled {s['profiled_step_s']:.3f} s = fixed {s['fixed_s']:.3f} s + rest "
+    for s in r["configs"]:
+        lines.append(f"{s['config']:>12}: step min {s['step_min_s']:.3f} s, median {s['step_median_s']:.3f} "
+                     f"s; profiled {s['profiled_step_s']:.3f} s = fixed {s['fixed_s']:.3f} s + rest "
                      f"{s['rest_s']:.3f} s")  # fmt: skip
     lines.append(f"fixed cost cut: after {100 * result['fixed_cost_cut_after']:.0f}%, after-fused "
                  f"{100 * result['fixed_cost_cut_after_fused']:.0f}%")  # fmt: skip
@@ -116,7 +117,8 @@ def header(result: dict, vocab: int) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--out", required=True, help="output stem: writes STEM.txt and STEM.json")
     parser.add_argument("--plan", default="pft-s", choices=("vanilla", "pft-i", "pft-s"))
     parser.add_argument("--length", type=int, default=20, help="history items per sample (default 20)")
@@ -142,7 +144,8 @@ def main() -> int:
               "fixed_cost_cut_after_fused": 1 - fixed["after-fused"] / fixed["before"],
               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "load_average_before": before["load_average_1min"],
-              "load_average_after": machine_info()["load_average_1min"], "cores": before["cores"], "threads": 1,
+              "load_average_after": machine_info()["load_average_1min"], "cores": before["cores"],
+              "threads": 1,
               "command": " ".join(["python", *sys.argv])}  # fmt: skip
     head = header(result, setup.model.vocab_size)
     out = Path(args.out)

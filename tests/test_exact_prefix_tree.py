@@ -75,7 +75,8 @@ def test_tree_has_one_node_per_distinct_prefix():
 def test_shared_prefix_scores_equal_one_sequence_per_title(setup, plan):
     tok, td, samples, model = setup
     catalog = CatalogTitles.from_table(td.titles)
-    tree = PrefixTree.from_catalog(catalog, td.prompt.eot)
+    tree = catalog.prefix_tree(td.prompt.eot)
+    assert tree is catalog.prefix_tree(td.prompt.eot)  # built once per catalog
     assert len(tree) < catalog.lengths.sum()  # prefixes really are shared
     planner = make_planner(plan, k=2, g=2)
     ids = np.argsort(-samples.history_lengths, kind="stable")[:3]
@@ -85,7 +86,7 @@ def test_shared_prefix_scores_equal_one_sequence_per_title(setup, plan):
         flat = score_titles(model, batch, catalog, td.prompt.eot, max_rows=10_000, shared_prefixes=False)
         for max_rows in (30, 10_000):  # many chunks of whole subtrees, and one
             shared = score_titles(model, batch, catalog, td.prompt.eot, max_rows=max_rows,
-                                  shared_prefixes=tree)  # fmt: skip
+                                  shared_prefixes=True)  # fmt: skip
             torch.testing.assert_close(shared, flat, rtol=1e-5, atol=1e-5)
     order = [int(s) for s in batch.sample_ids]
     ref = reference_title_scores(tok, model, samples, order, planner, catalog, td.prompt.eot)

@@ -355,9 +355,10 @@ def _step(model, cache, parents, tokens, seqs, past_k, past_v, step):
     token_ids = torch.tensor(tokens, device=device)
     seq = torch.tensor(seqs, device=device)
     position_ids = cache.lengths[seq] + (step - 1)
-    # Part A groups the rows by sequence: running beams are kept sorted by sequence.
-    counts = torch.bincount(seq, minlength=len(cache.lengths))
-    by_sample_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    # Part A groups the rows by sequence: running beams are kept sorted by sequence. Counted on the host
+    # from the list (no device sync; shapes only on the meta device, where the GPU planner traces a step).
+    counts = torch.bincount(torch.tensor(seqs), minlength=len(cache.lengths))
+    by_sample_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device=device, dtype=torch.int32)
     cu_q = torch.arange(num_beams + 1, device=device, dtype=torch.int32)
     # Part B of beam i: its parent's step - 1 cached tokens (the context), then its own new row.
     past = step - 1

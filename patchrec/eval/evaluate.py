@@ -33,7 +33,7 @@ from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
 from patchrec.eval.beam import BeamProtocol, TitleTrie, beam_search, get_protocol
-from patchrec.eval.exact import CatalogTitles, PrefixTree, score_titles
+from patchrec.eval.exact import CatalogTitles, score_titles
 from patchrec.eval.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
 from patchrec.persrec.llm import state_rows
 
@@ -69,18 +69,15 @@ def _model_device(model) -> torch.device:
 def exact_item_scores(
     model, tokens: TokenizedDataset, samples: Samples, index: np.ndarray, catalog: CatalogTitles, *,
     planner: Planner, max_rows: int, persrec_cache: str = "on", memory: torch.Tensor | None = None,
-    shared_prefixes: bool | PrefixTree = True,
+    shared_prefixes: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [len(index), N]: every item's title log-likelihood, duplicates of a title set to -inf except one
     copy (the row's target when it carries that title, else the lowest item id).
 
     ``memory`` [len(samples), k, D] (PerSRec's rolling layout): each sample's memory, e.g. a served user's
     stored state, read by its prompt instead of the memory its batch's fold passes would compute.
-    ``shared_prefixes``: see ``patchrec.eval.exact.score_titles`` (a ``PrefixTree`` built once to reuse)."""
+    ``shared_prefixes``: see ``patchrec.eval.exact.score_titles``."""
     device = _model_device(model)
-    tree = shared_prefixes
-    if tree is True:  # built once here, not per batch (~1 s for ML-1M)
-        tree = PrefixTree.from_catalog(catalog, tokens.prompt.eot)
     title_scores = torch.empty(len(index), len(catalog), dtype=torch.float32)
     row_of = {int(s): r for r, s in enumerate(index.tolist())}
     for batch in iter_batches(samples, planner, tokens, max_rows, order=index, answer=False):
@@ -90,7 +87,7 @@ def exact_item_scores(
                 raise ValueError("memory applies to the persrec plan's rolling layout")
             batch.memory = memory.to(device).index_select(0, batch.sample_ids)
         scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows,
-                              persrec_cache=persrec_cache, shared_prefixes=tree).cpu()  # fmt: skip
+                              persrec_cache=persrec_cache, shared_prefixes=shared_prefixes).cpu()  # fmt: skip
         rows = [row_of[int(s)] for s in batch.sample_ids.tolist()]
         title_scores[rows] = scores
     item_title = torch.as_tensor(catalog.item_title)
@@ -235,9 +232,6 @@ def evaluate(
         raise ValueError("tokens must be the tokenisation of samples.dataset (title counts differ)")
     samples = limit_samples(samples, limit)
     catalog = CatalogTitles.from_table(tokens.titles)
-    tree = False
-    if shared_prefixes and ranking == "exact":
-        tree = PrefixTree.from_catalog(catalog, tokens.prompt.eot)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -247,7 +241,7 @@ def evaluate(
                 ranks = rank_samples(
                     lambda index: exact_item_scores(
                         model, tokens, samples, index, catalog, planner=planner, max_rows=max_rows,
-                        persrec_cache=persrec_cache, shared_prefixes=tree,
+                        persrec_cache=persrec_cache, shared_prefixes=shared_prefixes,
                     ),
                     samples, mask_history=mask_history, batch_size=SCORE_BATCH, progress=progress,
                     desc="exact",

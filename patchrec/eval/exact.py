@@ -83,6 +83,13 @@ class CatalogTitles:
     def title(self, u: int) -> np.ndarray:
         return self.tokens[self.offsets[u] : self.offsets[u + 1]]
 
+    def prefix_tree(self, eot: int) -> PrefixTree:
+        """The titles' ``PrefixTree``, built once per ``eot`` and kept with the catalog (~1 s for ML-1M)."""
+        trees = self.__dict__.setdefault("_prefix_trees", {})  # frozen: the cache bypasses __setattr__
+        if eot not in trees:
+            trees[eot] = PrefixTree.from_catalog(self, eot)
+        return trees[eot]
+
 
 @dataclass(frozen=True)
 class PrefixTree:
@@ -221,18 +228,15 @@ def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 def score_titles(
     model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int, persrec_cache: str = "on",
-    shared_prefixes: bool | PrefixTree = True,
+    shared_prefixes: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch
-    (``persrec_cache``: see ``encode_prompts``; ``shared_prefixes``: rows per distinct title prefix, a
-    ``PrefixTree`` of ``catalog`` to reuse, or False for one causal sequence per title)."""
+    (``persrec_cache``: see ``encode_prompts``; ``shared_prefixes``: one row per distinct title prefix,
+    ``catalog.prefix_tree``, or False for one causal sequence per title)."""
     cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
-    if shared_prefixes is False:
+    if not shared_prefixes:
         return _score_flat(model, cache, catalog, eot, max_rows)
-    tree = shared_prefixes
-    if not isinstance(tree, PrefixTree):
-        tree = PrefixTree.from_catalog(catalog, eot)
-    return _score_tree(model, cache, catalog, tree, max_rows)
+    return _score_tree(model, cache, catalog, catalog.prefix_tree(eot), max_rows)
 
 
 def _score_tree(model, cache: PromptCache, catalog: CatalogTitles, tree: PrefixTree, max_rows: int):
