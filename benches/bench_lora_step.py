@@ -40,8 +40,8 @@ pytest.importorskip("gguf")
 from patchrec.batching.pack import pack_batch  # noqa: E402
 from patchrec.batching.plan import make_planner  # noqa: E402
 from patchrec.model.lora import LoraSettings, apply_lora  # noqa: E402
-from patchrec.train.loop import added_token_ids  # noqa: E402
 from patchrec.train.parallel import param_groups  # noqa: E402
+from patchrec.train.stage_inputs import added_token_ids  # noqa: E402
 
 L = 50
 BATCH = int(os.environ.get("PATCHREC_BENCH_BATCH", 8 if HAS_CUDA else 2))

@@ -1,15 +1,16 @@
 """The LLM ``persrec`` plan next to PFT-I and PFT-S on the demo's synthetic data (issue 11), on CPU.
 
-The demo's pipeline (``patchrec.demo``): synthetic data -> title BPE -> a ``tiny`` Llama trained on catalog
-text (the shared backbone) -> each recommender trained from that backbone with the same optimizer steps of
-the same batch size (no patch pre-training stage for any of them, so the three differ only by their plan)
--> exact whole-catalog ranking of the same test samples. PerSRec is ranked with ``--persrec-cache on`` and
-``off`` (same ranks; the timing and the state size are recorded).
+The demo's pipeline (``patchrec.experiments.demo``): synthetic data -> title BPE -> a ``tiny`` Llama trained
+on catalog text (the shared backbone) -> each recommender trained from that backbone with the same optimizer
+steps of the same batch size (no patch pre-training stage for any of them, so the three differ only by their
+plan) -> exact whole-catalog ranking of the same test samples. PerSRec is ranked with ``--persrec-cache
+on`` and ``off`` (same ranks; the timing and the state size are recorded).
 
     python benches/persrec_llm_demo.py --out benches/results/persrec-llm-demo
 
-Writes ``results.json`` and ``results.md`` into ``--out`` (the work directory with the runs is
-``--work``, a temporary directory by default).
+Writes ``results.json`` (with every model's per-sample ranks, PerSRec's with the cache off too, and the
+ranked test samples' indices: every metric is recomputable) and ``results.md`` into ``--out`` (the work
+directory with the runs is ``--work``, a temporary directory by default).
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from patchrec.batching.plan import make_planner
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
+from patchrec.data.synthetic import item_topics
+from patchrec.experiments.demo import DemoConfig, synthetic_dataset
+from patchrec.experiments.stages import (
+    HistoryCost,
+    catalog_backbone,
+    evaluate_trained,
+    ranked_test_samples,
+    ranks_list,
+    small_stage,
+    write_workspace,
+)
+from patchrec.train.loop import train
+
+KS = (10, 20)
 
 
 @dataclasses.dataclass
@@ -47,33 +65,16 @@ class Setup:
 
 
 def run(setup: Setup, work: Path, progress: bool) -> dict:
-    from patchrec.batching.pack import history_token_counts
-    from patchrec.batching.plan import make_planner
-    from patchrec.batching.tokenizer_train import train_title_tokenizer
-    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
-    from patchrec.data.dataset import make_samples
-    from patchrec.data.release import write_release
-    from patchrec.data.synthetic import item_topics
-    from patchrec.demo import DemoConfig, _synthetic
-    from patchrec.eval.evaluate import evaluate
-    from patchrec.model.decoder import PackedLlama
-    from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
-    from patchrec.train.config import TrainConfig
-    from patchrec.train.loop import random_subset, train
-
     demo = DemoConfig(users=setup.users, items=setup.items, max_items=setup.max_items, seed=setup.seed)
-    dataset = _synthetic(demo)
-    write_release(dataset, work / "data", overwrite=True)
-    train_title_tokenizer(dataset.titles, work / "tokenizer", demo.tokenizer_vocab,
-                          extra_texts=[dataset.system_prompt, dataset.user_prompt])  # fmt: skip
+    dataset = synthetic_dataset(demo)
+    write_workspace(dataset, work, demo.tokenizer_vocab)
     topic_of_item = item_topics(demo.items, demo.topics, demo.seed)
     start = time.perf_counter()
-    catalog = train_catalog_text(
-        dataset.titles, topic_of_item, work / "tokenizer", work / "catalog", preset="tiny",
-        config=CatalogTextConfig(steps=setup.catalog_steps, batch_size=32, lr=setup.lr, seed=setup.seed),
-    )  # fmt: skip
+    catalog = catalog_backbone(dataset, topic_of_item, work, steps=setup.catalog_steps, lr=setup.lr,
+                               seed=setup.seed)  # fmt: skip
     catalog_seconds = time.perf_counter() - start
-    test = random_subset(make_samples(dataset, "test", setup.max_items), setup.test_samples, setup.seed + 2)
+    ranked = ranked_test_samples(dataset, setup.max_items, setup.test_samples, setup.seed)
+    test = ranked.samples
 
     plans = {
         f"PFT-I (k={setup.k})": dict(stage="pft-i", k=setup.k),
@@ -84,45 +85,48 @@ def run(setup: Setup, work: Path, progress: bool) -> dict:
     }  # fmt: skip
     rows = []
     for name, options in plans.items():
-        out = work / options["stage"]
-        config = TrainConfig(
-            init=str(catalog.model_dir), data=str(work / "data"), tokenizer=str(work / "tokenizer"),
-            max_items=setup.max_items, train_samples=setup.train_samples, out=str(out), lr=setup.lr,
-            weight_decay=0.01, warmup_ratio=0.05, grad_clip=1.0, max_steps=setup.steps,
+        result = train(small_stage(
+            work, work / options["stage"], init=str(catalog.model_dir), tokenizer=str(work / "tokenizer"),
+            max_items=setup.max_items, train_samples=setup.train_samples, lr=setup.lr, steps=setup.steps,
             batch_size=setup.batch_size, max_rows=setup.max_rows, seed=setup.seed, log_every=10,
             progress=progress, **options,
-        )  # fmt: skip
-        result = train(config)
-        persrec = options["stage"] == "persrec"
-        tokens = tokenize_dataset(load_tokenizer(result.model_dir), dataset,
-                                  persrec_tokens=setup.tokens if persrec else 0)  # fmt: skip
-        planner = make_planner(options["stage"], k=setup.k, g=setup.g, segment=setup.segment,
-                               tokens=setup.tokens, old=setup.old)  # fmt: skip
-        model = PackedLlama.from_pretrained(result.model_dir)
-        evals = {}
-        for cache in ("on", "off") if persrec else ("on",):
-            evals[cache] = evaluate(model, tokens, test, planner=planner, ranking="exact", ks=(10, 20),
-                                    progress=progress, persrec_cache=cache)  # fmt: skip
-        main = evals["on"]
-        before, after = history_token_counts(test, planner, tokens)
-        row = {
-            "name": name, "plan": options, "metrics": main.metrics,
-            "history_rows_mean": float(np.mean(after)), "history_tokens_mean": float(np.mean(before)),
-            "train_seconds": result.seconds, "train_rows_per_s": result.rows_per_s,
-            "final_loss": result.final_loss, "eval_seconds": main.seconds,
-        }  # fmt: skip
-        if persrec:
-            off = evals["off"]
-            row.update(
-                eval_seconds_cache_off=off.seconds,
-                ranks_identical_on_off=bool(np.array_equal(main.ranks, off.ranks)),
-                **{k: v for k, v in main.config.items() if "state" in k},
-            )  # fmt: skip
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        ))  # fmt: skip
+        rows.append(evaluate_row(name, options, setup, result, dataset, test, progress))
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("ranks")}), flush=True)
     return {"setup": dataclasses.asdict(setup), "test_samples": len(test), "ranking": "exact",
-            "mask_history": False, "catalog_text_seconds": catalog_seconds,
-            "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+            "mask_history": False, "ks": list(KS), "ranked_samples": ranked.record(),
+            "catalog_text_seconds": catalog_seconds, "threads": torch.get_num_threads(),
+            "rows": rows}  # fmt: skip
+
+
+def evaluate_row(name: str, options: dict, setup: Setup, result, dataset, test, progress: bool) -> dict:
+    """One trained model ranked exactly (PerSRec: with its cache on and off), with its per-sample ranks."""
+    persrec = options["stage"] == "persrec"
+    tokens = tokenize_dataset(load_tokenizer(result.model_dir), dataset,
+                              persrec_tokens=setup.tokens if persrec else 0)  # fmt: skip
+    planner = make_planner(options["stage"], k=setup.k, g=setup.g, segment=setup.segment,
+                           tokens=setup.tokens, old=setup.old)  # fmt: skip
+    evals = {cache: evaluate_trained(result.model_dir, tokens, test, planner, ks=KS, progress=progress,
+                                     persrec_cache=cache)
+             for cache in (("on", "off") if persrec else ("on",))}  # fmt: skip
+    main = evals["on"]
+    cost = HistoryCost.of(test, planner, tokens)
+    row = {
+        "name": name, "plan": options, "metrics": main.metrics,
+        "history_rows_mean": float(np.mean(cost.after)), "history_tokens_mean": float(np.mean(cost.before)),
+        "train_seconds": result.seconds, "train_rows_per_s": result.rows_per_s,
+        "final_loss": result.final_loss, "eval_seconds": main.seconds,
+    }  # fmt: skip
+    if persrec:
+        off = evals["off"]
+        row.update(
+            eval_seconds_cache_off=off.seconds,
+            ranks_identical_on_off=bool(np.array_equal(main.ranks, off.ranks)),
+            **{k: v for k, v in main.config.items() if "state" in k},
+        )  # fmt: skip
+        row["ranks_cache_off"] = ranks_list(off.ranks)
+    row["ranks"] = ranks_list(main.ranks)
+    return row
 
 
 NOTE = ("History rows: mean rows of the history part after compression (PerSRec: item patches, its T rows "

@@ -7,6 +7,7 @@ The package knows tensors, not recommendation. Ops:
 ``python -m patchrec_kernels.compile_report`` compiles every Triton kernel for sm_80 / sm_90 without a GPU.
 """
 
+from patchrec_kernels import runtime
 from patchrec_kernels.patch_embed import patch_embed
 from patchrec_kernels.reference.patch_embed import patch_embed_reference
 from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
@@ -29,7 +30,5 @@ __all__ = [
 def __getattr__(name: str):
     # HAS_FLASH_ATTN tries the import on first use (see runtime.flash_attn_problem), not at package import.
     if name == "HAS_FLASH_ATTN":
-        from patchrec_kernels import runtime
-
         return runtime.HAS_FLASH_ATTN
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

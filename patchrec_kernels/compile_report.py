@@ -40,6 +40,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import patchrec_kernels
+from patchrec_kernels.patch_embed import patch_embed_bwd, patch_embed_fwd
+from patchrec_kernels.runtime import HAS_TRITON
+
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (token ids, segment offsets, row offsets): uniform layouts, and what patchrec.batching.pack produces.
@@ -83,8 +87,6 @@ class Launch:
 
 
 def _patch_embed_launches(dtype, index_dtypes, dim) -> Iterator[tuple[str, Callable[[], object]]]:
-    from patchrec_kernels.patch_embed import patch_embed_bwd, patch_embed_fwd
-
     ids_dtype, seg_dtype, row_dtype = index_dtypes
     vocab = 40
     gen = torch.Generator().manual_seed(0)
@@ -111,8 +113,6 @@ def discover_kernels() -> dict[str, object]:
     """Every ``@triton.jit`` function defined in a ``patchrec_kernels`` module, by qualified name."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-
-    import patchrec_kernels
 
     found = {}
     for info in pkgutil.walk_packages(patchrec_kernels.__path__, "patchrec_kernels."):
@@ -287,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="row widths D, comma-separated")
     parser.add_argument("--json", metavar="PATH", help="also write the launches and the summary as JSON")
     args = parser.parse_args(argv)
-    from patchrec_kernels.runtime import HAS_TRITON
-
     if not HAS_TRITON:
         print("triton is not installed: nothing to compile", file=sys.stderr)
         return 2

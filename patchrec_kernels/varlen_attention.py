@@ -393,7 +393,16 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale
         )
         return (out, lse.detach().float()) if return_lse else out
+    return _fused_attention(name, q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, scale,
+                            return_lse, deterministic)  # fmt: skip
 
+
+def _fused_attention(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int, causal: bool, scale: float | None, return_lse: bool,
+    deterministic: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``varlen_attention`` on a fused backend (``name``: flash_attn or torch), inputs checked."""
     # Both flash kernels read dense int32 offsets: a strided int32 view would be passed through unchanged.
     cu_q = cu_seqlens.to(torch.int32).contiguous()
     cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32).contiguous()

@@ -251,3 +251,12 @@ def test_models_give_distinct_scores_after_one_step():
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     after = model.eval().logits(model(items, cu, max(LENGTHS))).detach()
     assert not torch.allclose(before, after)
+
+
+def test_command_choices_are_the_library_models():
+    """``patchrec baseline`` writes its choices out (its parser must not import torch); they are the models
+    ``patchrec.baselines.run`` runs."""
+    from patchrec.baselines.run import DEFAULT_LR, MODELS
+    from patchrec.commands import baseline as command
+
+    assert command.MODELS == MODELS and set(DEFAULT_LR) == set(MODELS) - {"popularity"}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from patchrec.bench_report import load_records, plan_ratios, provider_ratios, write_report
+from patchrec.reports.bench_report import load_records, plan_ratios, provider_ratios, write_report
 
 
 def _stats(median: float) -> dict:

@@ -8,9 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from patchrec.baselines.popularity import Popularity
 from patchrec.cli import main
+from patchrec.data.dataset import make_samples
 from patchrec.data.release import load_release
-from patchrec.demo import DemoConfig, _synthetic, run_demo
+from patchrec.eval.metrics import rank_samples, ranking_metrics
+from patchrec.experiments.demo import DemoConfig, run_demo, synthetic_dataset
 
 # The demo trains and ranks with the pure-PyTorch references, not the Triton interpreter.
 pytestmark = pytest.mark.usefixtures("reference_ops")
@@ -60,14 +63,26 @@ def test_quick_demo(tmp_path, capsys):
     for stage in ("vanilla", "pretrain", "pft-i", "vanilla-short"):
         assert config(stage)["data"] == str(out / "data")
     assert results["config"]["drift_length"] == DemoConfig.quick().drift_length
-    data, expected = load_release(out / "data"), _synthetic(DemoConfig.quick())
+    data, expected = load_release(out / "data"), synthetic_dataset(DemoConfig.quick())
     assert data.titles == expected.titles
     assert np.array_equal(data.items, expected.items)
     assert np.array_equal(data.user_offsets, expected.user_offsets)
     for split in ("train", "val", "test"):
         assert np.array_equal(data.splits[split], expected.splits[split])
-    other = _synthetic(dataclasses.replace(DemoConfig.quick(), drift_length=50.0))
+    other = synthetic_dataset(dataclasses.replace(DemoConfig.quick(), drift_length=50.0))
     assert not np.array_equal(other.items, expected.items)  # the option reaches the generator
+    # Every row's metrics are recomputable from its per-sample ranks, over the recorded test samples.
+    ranked = results["ranked_samples"]
+    assert ranked["split"] == "test" and ranked["max_items"] == DemoConfig.quick().max_items
+    test = make_samples(data, "test", ranked["max_items"])
+    assert len(ranked["index"]) == results["test_samples"] and max(ranked["index"]) < len(test)
+    for row in results["rows"]:
+        assert len(row["ranks"]) == results["test_samples"]
+        assert ranking_metrics(np.asarray(row["ranks"]), results["ks"]) == pytest.approx(row["metrics"])
+    # ... and the popularity row's ranks are those of popularity on exactly those samples.
+    samples = test.select(np.asarray(ranked["index"]))
+    ranks = rank_samples(Popularity.fit(data).scorer(samples), samples)
+    assert ranks.tolist() == rows["popularity"]["ranks"]
 
 
 def test_demo_default_split(tmp_path):

@@ -27,8 +27,9 @@ from patchrec.model.decoder import PackedLlama
 from patchrec.train.checkpoint import latest_checkpoint
 from patchrec.train.config import preset
 from patchrec.train.distributed import balanced_bounds, even_bounds, greedy_bounds, shard_step
-from patchrec.train.loop import load_dataset, step_micro_batches, step_samples, total_steps_of, train
+from patchrec.train.loop import step_micro_batches, step_samples, total_steps_of, train
 from patchrec.train.parallel import _by_index, _by_name, param_groups
+from patchrec.train.stage_inputs import load_dataset
 
 # tests/test_train.py's small synthetic problem; 15 training samples in steps of 7 make the third step a
 # single sample, so one of two ranks has nothing to do there (it must still join the collectives).
@@ -200,6 +201,35 @@ def test_shards_split_the_single_process_step(small_tokens, plan):
                 assert all(b.num_rows <= config.max_rows for s in shards for b in s.batches)
                 counts = [len(s.batches) for s in shards]
                 assert counts == [max(counts)] * world if equal else min(counts) >= 1
+
+
+def test_rolling_layout_shard_budgets_fold_rows_like_the_single_process_step(small_tokens):
+    """The rolling layout's fold-pass rows count toward ``max_rows`` in a rank's shard as in the
+    single-process step (one budget rule: ``Slots.sample_rows``), so one rank's shard is that step, bit for
+    bit, with a budget tight enough to cut the step into several micro-batches."""
+    config, dataset, tokens = small_tokens
+    samples = make_samples(dataset, "train", config.max_items)
+    config = config.replace(train_samples=0, max_steps=0, epochs=1, batch_size=9, max_rows=500)
+    planner = make_planner("persrec", segment=3, tokens=2, layout="rolling")
+    total = total_steps_of(config, len(samples))
+    for step in (0, total - 1):
+        single = step_micro_batches(config, samples, planner, tokens, step, total)
+        ids, seed = step_samples(config, len(samples), step)
+        one = shard_step(samples, planner, tokens, ids, seed=seed, progress=step / total,
+                         max_rows=config.max_rows, rank=0, world_size=1, equal_counts=False)  # fmt: skip
+        assert any(b.folds for b in single) and len(single) > 1
+        assert len(one.batches) == len(single) and all(map(_same, one.batches, single))
+
+
+def _same(x, y) -> bool:
+    """Equal tensors, dataclasses (a batch, its layout, its fold passes) and lists of them."""
+    if torch.is_tensor(x):
+        return torch.equal(x, y)
+    if isinstance(x, list):
+        return isinstance(y, list) and len(x) == len(y) and all(map(_same, x, y))
+    if hasattr(x, "__dataclass_fields__"):
+        return all(_same(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__)
+    return x == y
 
 
 def test_a_rank_without_samples_gets_a_zero_weighted_filler(small_tokens):

@@ -22,7 +22,8 @@ from patchrec.model.decoder import PackedDecoder
 from patchrec.model.lora import is_adapter_dir, load_model, merge_lora
 from patchrec.train.checkpoint import save_model_dir
 from patchrec.train.config import TrainConfig, preset
-from patchrec.train.loop import latest_checkpoint, load_dataset, train
+from patchrec.train.loop import latest_checkpoint, train
+from patchrec.train.stage_inputs import load_dataset
 
 SMALL = dict(data="synthetic", synthetic_users=40, synthetic_items=60, synthetic_length=16.0,
              synthetic_topics=6, tokenizer_vocab=300, max_items=12, max_rows=1600, progress=False)

@@ -27,7 +27,8 @@ from patchrec.model.decoder import PackedLlama
 from patchrec.persrec.llm import encode_full, split_state
 from patchrec.persrec.reference import PREFIX, RECENT, persrec_mask
 from patchrec.train.config import TrainConfig, preset
-from patchrec.train.loop import load_dataset, train
+from patchrec.train.loop import train
+from patchrec.train.stage_inputs import load_dataset
 
 SEGMENT, TOKENS = 3, 2
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import shared_path
 
-import patchrec.reproduce as reproduce_module
-from patchrec.reproduce import Reproduction, Scale, resolve_eval_dtype
-from patchrec.reproduce_estimate import ModelSize, checkpoint_plan, save_every
-from patchrec.reproduce_settings import (
+import patchrec.experiments.reproduce as reproduce_module
+from patchrec.experiments.reproduce import Reproduction, Scale, resolve_eval_dtype
+from patchrec.experiments.reproduce_estimate import ModelSize, checkpoint_plan, save_every
+from patchrec.experiments.reproduce_settings import (
     EXPERIMENTS,
     RELEASES,
     experiment_stages,
@@ -78,7 +78,7 @@ def run(backbone, tmp_path_factory, quiet_cpu):
         return real(config, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("patchrec.train.loop.train", spy)
+        mp.setattr("patchrec.experiments.reproduce.train", spy)
         everything = Reproduction("synthetic", str(backbone), out, SMOKE, preset="ml-100k", progress=False,
                                   experiments=EXPERIMENTS, resume=True).run()  # fmt: skip
     return out, table2, everything, trained, printed.getvalue()
@@ -178,8 +178,8 @@ def test_resume_skips_finished_work_and_checks_settings(run, backbone, tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("resume retrained or re-evaluated")
 
-    monkeypatch.setattr("patchrec.train.loop.train", refuse)
-    monkeypatch.setattr("patchrec.eval.evaluate.evaluate", refuse)
+    monkeypatch.setattr("patchrec.experiments.reproduce.train", refuse)
+    monkeypatch.setattr("patchrec.experiments.reproduce.evaluate", refuse)
     again = Reproduction("synthetic", str(backbone), out, SMOKE, preset="ml-100k", experiments=EXPERIMENTS,
                          resume=True, progress=False).run()  # fmt: skip
     assert [r.metrics for r in again] == [r.metrics for r in rows]
@@ -200,7 +200,7 @@ def test_resume_skips_finished_work_and_checks_settings(run, backbone, tmp_path,
 def test_dry_run_counts_every_stage_and_row_without_training(backbone, tmp_path, monkeypatch):
     from patchrec.model.decoder import PackedDecoder
 
-    monkeypatch.setattr("patchrec.train.loop.train", None)  # a dry run never trains
+    monkeypatch.setattr("patchrec.experiments.reproduce.train", None)  # a dry run never trains
     plain = Reproduction("synthetic", str(backbone), tmp_path / "a", SMOKE, preset="ml-100k",
                          experiments=EXPERIMENTS).dry_run()  # fmt: skip
     stages = {s["stage"]: s for s in plain["stages"]}

@@ -17,12 +17,12 @@ from patchrec.model.decoder import PackedLlama
 from patchrec.train.config import PRESETS, TrainConfig, preset
 from patchrec.train.loop import (
     latest_checkpoint,
-    load_dataset,
     load_trainer_state,
     step_micro_batches,
     total_steps_of,
     train,
 )
+from patchrec.train.stage_inputs import load_dataset
 
 # A small synthetic problem: ~150-row samples, a few per micro-batch, a 300-id title BPE.
 SMALL = dict(data="synthetic", synthetic_users=40, synthetic_items=60, synthetic_length=16.0,

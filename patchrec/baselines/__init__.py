@@ -1,5 +1,5 @@
-"""ID-based sequential-recommendation baselines (popularity, SASRec, HSTU, GRU4Rec) and their shared training
-loop.
+"""ID-based sequential-recommendation baselines (popularity, SASRec, HSTU, GRU4Rec), their shared training
+loop, and ``run``: one run end to end as ``patchrec baseline`` does it (``run_baseline``).
 
 They rank the whole catalog like the LLM models (``patchrec.eval.metrics``), on the same samples
 (docs/method.md §4), so their numbers sit in the same table.

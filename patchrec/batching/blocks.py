@@ -49,21 +49,8 @@ def offsets(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def block_layout(
-    block_rows: np.ndarray,
-    carried_rows: np.ndarray,
-    block_seq: np.ndarray,
-    num_seqs: int,
-    context_rows: np.ndarray | None = None,
-) -> BlockLayout:
-    """The ``BlockLayout`` of blocks packed back to back.
-
-    block_rows: int [NB] rows of each block, blocks in row order, a sequence's blocks consecutive.
-    carried_rows: int [NB] the last ``carried_rows[b]`` rows of block b are visible to the later blocks of
-        its sequence (and are part of its state).
-    block_seq: int [NB] the sequence of each block, non-decreasing, in [0, num_seqs).
-    context_rows: int [num_seqs] cached state rows of each sequence, visible to all of its blocks (default 0).
-    """
+def _checked(block_rows, carried_rows, block_seq, num_seqs: int, context_rows) -> tuple[np.ndarray, ...]:
+    """``block_layout``'s arrays as int64, or ``ValueError`` naming what is wrong with them."""
     block_rows = np.asarray(block_rows, dtype=np.int64)
     carried_rows = np.asarray(carried_rows, dtype=np.int64)
     block_seq = np.asarray(block_seq, dtype=np.int64)
@@ -79,7 +66,27 @@ def block_layout(
         raise ValueError(f"block_seq must be non-decreasing in [0, {num_seqs})")
     if np.any(context_rows < 0):
         raise ValueError("context_rows must be >= 0")
+    return block_rows, carried_rows, block_seq, context_rows
 
+
+def block_layout(
+    block_rows: np.ndarray,
+    carried_rows: np.ndarray,
+    block_seq: np.ndarray,
+    num_seqs: int,
+    context_rows: np.ndarray | None = None,
+) -> BlockLayout:
+    """The ``BlockLayout`` of blocks packed back to back.
+
+    block_rows: int [NB] rows of each block, blocks in row order, a sequence's blocks consecutive.
+    carried_rows: int [NB] the last ``carried_rows[b]`` rows of block b are visible to the later blocks of
+        its sequence (and are part of its state).
+    block_seq: int [NB] the sequence of each block, non-decreasing, in [0, num_seqs).
+    context_rows: int [num_seqs] cached state rows of each sequence, visible to all of its blocks (default 0).
+    """
+    block_rows, carried_rows, block_seq, context_rows = _checked(block_rows, carried_rows, block_seq,
+                                                                 num_seqs, context_rows)  # fmt: skip
+    nb = len(block_rows)
     num_context = int(context_rows.sum())
     context_start = offsets(context_rows)[:-1]
     block_start = offsets(block_rows)[:-1] + num_context  # into cat(context, rows)

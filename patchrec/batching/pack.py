@@ -39,100 +39,20 @@ and the batch's token ids, segment offsets and row offsets come from repeat/cums
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from patchrec.batching.blocks import BlockLayout, block_layout
+from patchrec.batching.packed import FoldPass, PackedBatch
 from patchrec.batching.persrec_layouts import PersrecConfig, old_items
 from patchrec.batching.plan import DROP, PAD, TEXT, BatchPlan, Planner
+from patchrec.batching.slots import Slots, split_folds
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
 
 # Samples planned at once; bounds the [chunk, L] planning arrays (~10 MB at L = 100) while keeping numpy calls
 # large enough that per-call overhead is negligible.
 PLAN_CHUNK = 4096
-
-
-@dataclass
-class FoldPass:
-    """One fold pass of a rolling-layout batch: segment j of the sequences that have it."""
-
-    batch: PackedBatch  # one causal sequence per folded segment: [k memory rows][items][T rows], no labels
-    owner: torch.Tensor  # int64 [F], the sequence of the main batch each segment belongs to
-    memory_rows: torch.Tensor  # int64 [F*k], rows reading the memory (the first k of each sequence)
-    write_rows: torch.Tensor  # int64 [F*k], the T rows whose final hidden states are the next memory
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> FoldPass:
-        return FoldPass(self.batch.to(device, non_blocking), *(t.to(device, non_blocking=non_blocking)
-                        for t in (self.owner, self.memory_rows, self.write_rows)))  # fmt: skip
-
-
-@dataclass
-class PackedBatch:
-    """One token-budget batch of Q sequences (R rows, S segments, T tokens, N labels), all torch tensors.
-
-    ``patch_embed(E, token_ids, seg_offsets, row_offsets)`` gives the [R, D] input of the decoder; attention
-    is varlen over ``cu_seqlens``; the loss reads hidden states at ``label_rows`` only.
-    """
-
-    token_ids: torch.Tensor  # int32 [T]
-    seg_offsets: torch.Tensor  # int64 [S+1], token boundaries of segments
-    row_offsets: torch.Tensor  # int64 [R+1], segment boundaries of rows
-    cu_seqlens: torch.Tensor  # int32 [Q+1], row boundaries of sequences
-    position_ids: torch.Tensor  # int64 [R], restart at 0 in every sequence
-    max_seqlen: int  # rows of the longest sequence
-    label_rows: torch.Tensor  # int64 [N], row whose hidden state predicts label i
-    label_ids: torch.Tensor  # int64 [N], answer title tokens then eot, per sequence
-    label_sample: torch.Tensor  # int64 [N], sequence (0..Q-1, index into sample_ids) of label i
-    sample_ids: torch.Tensor  # int64 [Q], index into the Samples of each sequence
-    view_ids: torch.Tensor  # int64 [Q], 0 = first view; pretrain: 0 all-text, 1 compressed
-    hist_tokens_before: torch.Tensor  # int64 [Q], history title tokens as text (no markers, separators)
-    hist_tokens_after: torch.Tensor  # int64 [Q], same after compression (a patch or session counts as 1;
-    # persrec: plus the T rows)
-    # persrec only: attention blocks (prefix, old segments, final) instead of one causal block per sequence
-    layout: BlockLayout | None = None
-    block_carried: torch.Tensor | None = None  # int64 [NB], rows of each block visible to later blocks
-    # persrec rolling only: k memory rows per sequence (right after <|start_seq|>), the T ids whose embeddings
-    # are the initial memory, the fold passes (segment 0, 1, ...), where the gradient is cut, and optionally
-    # a memory computed elsewhere ([Q, k, D], e.g. a cached per-user state) that replaces the folds
-    memory_rows: torch.Tensor | None = None  # int64 [Q*k]
-    memory_ids: torch.Tensor | None = None  # int64 [k]
-    folds: list[FoldPass] | None = None
-    fold_unroll: int = 0  # detach the memory after every fold pass j with (j + 1) % fold_unroll == 0
-    memory: torch.Tensor | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.position_ids.numel())
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.sample_ids.numel())
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if torch.is_tensor(value):
-                value = value.to(device, non_blocking=non_blocking)
-            elif isinstance(value, BlockLayout):
-                value = value.to(device)
-            elif f.name == "folds" and value is not None:
-                value = [fold.to(device, non_blocking) for fold in value]
-            moved[f.name] = value
-        return PackedBatch(**moved)
-
-    def pin_memory(self) -> PackedBatch:
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        if pinned["folds"] is not None:
-            pinned["folds"] = [
-                FoldPass(f.batch.pin_memory(), f.owner.pin_memory(), f.memory_rows.pin_memory(),
-                         f.write_rows.pin_memory())
-                for f in pinned["folds"]
-            ]
-        return PackedBatch(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in pinned.items()})
 
 
 class Packer:
@@ -174,7 +94,7 @@ class Packer:
     def slots(
         self, items: np.ndarray, plan: BatchPlan, targets: np.ndarray,
         persrec: PersrecConfig | tuple[int, int] | None = None,
-    ) -> dict[str, np.ndarray]:  # fmt: skip
+    ) -> Slots:  # fmt: skip
         """Per sequence ``2L+3`` slots: source start, token count, whether each token is its own row
         (``run``) or the slot is one segment (patch), and whether that segment opens a new row.
 
@@ -189,9 +109,20 @@ class Packer:
                              "tokens: tokenize_dataset(..., persrec_tokens=k)")  # fmt: skip
         kinds, group = plan.kinds, plan.group
         before = np.where(kinds != PAD, self.title_lengths[np.maximum(items, 0)], 0).sum(axis=1)
-        fold = None
         if config is not None and config.layout == "rolling":
-            fold, items, kinds, group = _split_folds(items, kinds, group, config)
+            fold, items, kinds, group = split_folds(items, kinds, group, config)
+            s = self.grid(items, kinds, group, targets, before)
+            self.add_memory(s, fold, config)
+        else:
+            s = self.grid(items, kinds, group, targets, before)
+            if config is not None:
+                self.add_blocks(s, (kinds != PAD).sum(axis=1), config)
+        s.rows = s.slot_rows().sum(axis=1)
+        return s
+
+    def grid(self, items: np.ndarray, kinds: np.ndarray, group: np.ndarray, targets: np.ndarray,
+             before: np.ndarray) -> Slots:  # fmt: skip
+        """The slots of plain sequences (no PerSRec rows); ``rows`` is left to the caller."""
         num, width = kinds.shape
         safe = np.maximum(items, 0)
         tlen = self.title_lengths[safe]
@@ -223,45 +154,47 @@ class Packer:
         src[:, -1] = self.title_offsets[targets]
         ntok[:, -1] = self.title_lengths[targets] if self.answer else 0
         after = np.where(kinds == TEXT, tlen, 0).sum(axis=1) + (opens & (kinds != TEXT)).sum(axis=1)
-        out = {"src": src, "ntok": ntok, "run": run, "newrow": newrow}
-        if config is not None:
-            lengths = (kinds != PAD).sum(axis=1)
-            k = config.tokens
-            if config.layout == "rolling":
-                ntok[:, 0] += k  # prefix + <|start_seq|> + k memory rows (the T ids as placeholders)
-                after = after + k
-                fitems = fold["fold_items"]
-                frows = np.where(fold["fold_text"][:, None], self.title_lengths[np.maximum(fitems, 0)], 1)
-                folded = (fitems >= 0).sum(axis=1)
-                # per segment: k memory rows, its items, N separators (the last one followed by k T rows)
-                per_item = np.where(fitems >= 0, frows, 0).sum(axis=1)
-                fold["fold_rows"] = per_item + folded + folded // config.segment * 2 * k
-                out |= fold | {"fold_segment": np.full(num, config.segment), "fold_tokens": np.full(num, k),
-                               "fold_unroll": np.full(num, config.unroll)}  # fmt: skip
-            else:
-                old = old_items(config, lengths)
-                j = np.arange(width)
-                if config.layout == "window":
-                    # One old block; a history without old items puts the T rows after <|start_seq|>.
-                    closes = (j + 1 == old[:, None]) & (old[:, None] > 0)
-                    ntok[:, 0] += np.where(old > 0, 0, k).astype(np.int32)
-                    after = after + k
-                else:
-                    # The separator after item j closes a segment when j + 1 is a multiple of the segment
-                    # inside the old items (every old item has a later kept item, so its separator exists).
-                    closes = ((j + 1) % config.segment == 0) & (j + 1 <= old[:, None])
-                    after = after + closes.sum(axis=1) * k
-                ntok[:, 2 : 2 * width + 2 : 2] += np.where(closes, k, 0).astype(np.int32)
-                block_end = np.zeros((num, 2 * width + 3), dtype=bool)
-                block_end[:, 0] = True
-                block_end[:, 2 : 2 * width + 2 : 2] = closes
-                out["block_end"] = block_end
-        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
-        return out | {"rows": rows, "before": before, "after": after}
+        return Slots(src, ntok, run, newrow, np.zeros(num, dtype=np.int64), before, after)
+
+    def add_memory(self, s: Slots, fold: tuple[np.ndarray, np.ndarray], config: PersrecConfig) -> None:
+        """Rolling layout: k memory rows after ``<|start_seq|>`` (the T ids as placeholders) and the folded
+        items ``fold`` (``split_folds``) with their rows in the fold passes."""
+        num, k = len(s.before), config.tokens
+        s.ntok[:, 0] += k  # prefix + <|start_seq|> + k memory rows
+        s.after = s.after + k
+        s.fold_items, s.fold_text = fold
+        frows = np.where(s.fold_text[:, None], self.title_lengths[np.maximum(s.fold_items, 0)], 1)
+        folded = (s.fold_items >= 0).sum(axis=1)
+        # per segment: k memory rows, its items, N separators (the last one followed by k T rows)
+        per_item = np.where(s.fold_items >= 0, frows, 0).sum(axis=1)
+        s.fold_rows = per_item + folded + folded // config.segment * 2 * k
+        s.fold_segment, s.fold_tokens = np.full(num, config.segment), np.full(num, k)
+        s.fold_unroll = np.full(num, config.unroll)
+
+    def add_blocks(self, s: Slots, lengths: np.ndarray, config: PersrecConfig) -> None:
+        """Segments / window layouts: the T rows in the slot that closes each old block, ``block_end``."""
+        num, slots = s.ntok.shape
+        width, k = (slots - 3) // 2, config.tokens
+        old = old_items(config, lengths)
+        j = np.arange(width)
+        if config.layout == "window":
+            # One old block; a history without old items puts the T rows after <|start_seq|>.
+            closes = (j + 1 == old[:, None]) & (old[:, None] > 0)
+            s.ntok[:, 0] += np.where(old > 0, 0, k).astype(np.int32)
+            s.after = s.after + k
+        else:
+            # The separator after item j closes a segment when j + 1 is a multiple of the segment inside
+            # the old items (every old item has a later kept item, so its separator exists).
+            closes = ((j + 1) % config.segment == 0) & (j + 1 <= old[:, None])
+            s.after = s.after + closes.sum(axis=1) * k
+        s.ntok[:, 2 : 2 * width + 2 : 2] += np.where(closes, k, 0).astype(np.int32)
+        s.block_end = np.zeros((num, slots), dtype=bool)
+        s.block_end[:, 0] = True
+        s.block_end[:, 2 : 2 * width + 2 : 2] = closes
 
     def plan_slots(
         self, samples: Samples, ids: np.ndarray, planner: Planner, rng, progress: np.ndarray | None
-    ) -> dict[str, np.ndarray]:
+    ) -> Slots:
         """Plan ``ids`` and lay out their sequences, views interleaved (views of sample 0, then of 1, ...)."""
         width = int(samples.history_lengths[ids].max(initial=0))
         items, lengths = self.history_items(samples, ids, width)
@@ -274,38 +207,38 @@ class Packer:
             kinds = np.stack([p.kinds for p in views], 1).reshape(-1, width)
             group = np.stack([p.group for p in views], 1).reshape(-1, width)
             out = self.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v))
-        out["sample"] = np.repeat(ids, len(views))
-        out["view"] = np.tile(np.arange(len(views)), len(ids))
-        out["target"] = np.repeat(targets, len(views))
+        out.sample = np.repeat(ids, len(views))
+        out.view = np.tile(np.arange(len(views)), len(ids))
+        out.target = np.repeat(targets, len(views))
         return out
 
     # ---- materialisation ---------------------------------------------------------------------------------
-    def build(self, s: dict[str, np.ndarray]) -> PackedBatch:
+    def build(self, s: Slots) -> PackedBatch:
         """Slots of Q sequences -> PackedBatch (with the rolling layout's memory rows and fold passes)."""
         batch = self.materialize(s, self.answer)
-        if "fold_items" not in s:
+        if s.fold_items is None:
             return batch
         q = batch.num_sequences
-        k = int(s["fold_tokens"][0]) if q else 0
+        k = int(s.fold_tokens[0]) if q else 0
         cu = batch.cu_seqlens.numpy().astype(np.int64)
         batch.memory_rows = torch.from_numpy((cu[:-1, None] + self.head_len + np.arange(k)).reshape(-1))
         batch.memory_ids = torch.from_numpy(self.persrec_ids[:k].astype(np.int64))
         batch.folds = self.fold_passes(s)
-        batch.fold_unroll = int(s["fold_unroll"][0]) if q else 0
+        batch.fold_unroll = int(s.fold_unroll[0]) if q else 0
         return batch
 
-    def fold_passes(self, s: dict[str, np.ndarray]) -> list[FoldPass]:
+    def fold_passes(self, s: Slots) -> list[FoldPass]:
         """The rolling layout's fold passes: pass j holds segment j of every sequence with more than j
         folded segments, each as ``[k memory rows][N items and separators][T_1..T_k]``."""
-        fitems = s["fold_items"]
+        fitems = s.fold_items
         if fitems.size == 0:
             return []
-        n, k = int(s["fold_segment"][0]), int(s["fold_tokens"][0])
+        n, k = int(s.fold_segment[0]), int(s.fold_tokens[0])
         segments = (fitems >= 0).sum(axis=1) // n
         passes = []
         for j in range(int(segments.max(initial=0))):
             owner = np.flatnonzero(segments > j)
-            passes.append(self.fold_pass(fitems[owner, j * n : (j + 1) * n], s["fold_text"][owner], k, owner))
+            passes.append(self.fold_pass(fitems[owner, j * n : (j + 1) * n], s.fold_text[owner], k, owner))
         return passes
 
     def fold_pass(self, items: np.ndarray, text, k: int, owner: np.ndarray | None = None) -> FoldPass:
@@ -319,8 +252,7 @@ class Packer:
             raise ValueError(f"k must be in [1, {len(self.persrec_ids)}] (the tokenisation's PerSRec tokens)")
         num = len(items)
         fold = self.segment_slots(items, np.broadcast_to(np.asarray(text, dtype=bool), (num,)), k)
-        zeros = np.zeros(num, dtype=np.int64)
-        fold.update(sample=zeros, view=zeros, target=zeros)
+        fold.sample = fold.view = fold.target = np.zeros(num, dtype=np.int64)
         batch = self.materialize(fold, answer=False)
         cu = batch.cu_seqlens.numpy().astype(np.int64)
         owner = np.arange(num) if owner is None else np.asarray(owner, dtype=np.int64)
@@ -328,7 +260,7 @@ class Packer:
         return FoldPass(batch, t(owner), t((cu[:-1, None] + np.arange(k)).reshape(-1)),
                         t((cu[1:, None] - k + np.arange(k)).reshape(-1)))  # fmt: skip
 
-    def segment_slots(self, items: np.ndarray, text: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    def segment_slots(self, items: np.ndarray, text: np.ndarray, k: int) -> Slots:
         """Slots of folded segments ``items`` [F, N] (text or item patches per row): k T ids as memory
         placeholders, the items with a separator after each, the last separator followed by the k T rows."""
         num, n = items.shape
@@ -344,19 +276,19 @@ class Packer:
         src[:, 2 : 2 * n + 2 : 2] = self.sep_src
         ntok[:, 2 : 2 * n + 2 : 2] = 1
         ntok[:, 2 * n] += k
-        rows = np.where(run, ntok, newrow & (ntok > 0)).sum(axis=1)
         zeros = np.zeros(num, dtype=np.int64)
-        return {"src": src, "ntok": ntok, "run": run, "newrow": newrow, "rows": rows, "before": zeros,
-                "after": zeros}  # fmt: skip
+        s = Slots(src, ntok, run, newrow, zeros, zeros, zeros)
+        s.rows = s.slot_rows().sum(axis=1)
+        return s
 
-    def materialize(self, s: dict[str, np.ndarray], answer: bool) -> PackedBatch:
+    def materialize(self, s: Slots, answer: bool) -> PackedBatch:
         """Slots of Q sequences -> the PackedBatch of their rows (labels when ``answer``)."""
-        ntok_all = s["ntok"].ravel()
+        ntok_all = s.ntok.ravel()
         keep = ntok_all > 0
-        src = s["src"].ravel()[keep]
+        src = s.src.ravel()[keep]
         ntok = ntok_all[keep].astype(np.int64)
-        run = s["run"].ravel()[keep]
-        newrow = s["newrow"].ravel()[keep]
+        run = s.run.ravel()[keep]
+        newrow = s.newrow.ravel()[keep]
 
         # Tokens: each kept slot is the source range [src, src + ntok).
         tok_end = np.cumsum(ntok)
@@ -375,7 +307,7 @@ class Packer:
         else:
             row_offsets = np.append(np.flatnonzero(np.repeat(opens, nseg)), len(seg_len)).astype(np.int64)
 
-        rows = s["rows"].astype(np.int64)
+        rows = s.rows.astype(np.int64)
         cu = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(rows, out=cu[1:])
         num_rows = int(cu[-1])
@@ -384,12 +316,12 @@ class Packer:
         # Labels: answer title + eot; the first is predicted by the last suffix row.
         q = len(rows)
         if answer:
-            m = self.title_lengths[s["target"]].astype(np.int64)
+            m = self.title_lengths[s.target].astype(np.int64)
             nlab = m + 1
             lab_end = np.cumsum(nlab)
             within = np.arange(int(lab_end[-1]) if q else 0) - np.repeat(lab_end - nlab, nlab)
             label_rows = np.repeat(cu[1:] - m - 1, nlab) + within
-            title_pos = np.repeat(self.title_offsets[s["target"]], nlab) + within
+            title_pos = np.repeat(self.title_offsets[s.target], nlab) + within
             is_eot = within == np.repeat(m, nlab)
             title_tok = self.source[np.where(is_eot, 0, title_pos)]
             label_ids = np.where(is_eot, self.eot, title_tok).astype(np.int64)
@@ -398,8 +330,8 @@ class Packer:
             label_rows = label_ids = label_sample = np.zeros(0, dtype=np.int64)
 
         layout = carried = None
-        if "block_end" in s:
-            layout, carried = _block_layout(s, cu)
+        if s.block_end is not None:
+            layout, carried = s.block_layout(cu)
 
         t = torch.from_numpy
         return PackedBatch(
@@ -414,10 +346,10 @@ class Packer:
             label_rows=t(label_rows),
             label_ids=t(label_ids),
             label_sample=t(label_sample),
-            sample_ids=t(s["sample"].astype(np.int64)),
-            view_ids=t(s["view"].astype(np.int64)),
-            hist_tokens_before=t(s["before"].astype(np.int64)),
-            hist_tokens_after=t(s["after"].astype(np.int64)),
+            sample_ids=t(s.sample.astype(np.int64)),
+            view_ids=t(s.view.astype(np.int64)),
+            hist_tokens_before=t(s.before.astype(np.int64)),
+            hist_tokens_after=t(s.after.astype(np.int64)),
         )
 
 
@@ -426,78 +358,6 @@ def _persrec_config(persrec: PersrecConfig | tuple[int, int] | None) -> PersrecC
         return persrec
     segment, tokens = persrec
     return PersrecConfig(tokens=tokens, segment=segment)
-
-
-def _split_folds(items: np.ndarray, kinds: np.ndarray, group: np.ndarray, config: PersrecConfig):
-    """Rolling layout: (the fold columns, then items / kinds / group of the open segments only, shifted to
-    the left). Folded items keep their plan kind (ITEM or TEXT)."""
-    num, width = kinds.shape
-    lengths = (kinds != PAD).sum(axis=1)
-    folded = old_items(config, lengths)
-    fold_width = int(folded.max(initial=0))
-    cols = np.arange(fold_width)[None]
-    in_fold = cols < folded[:, None]
-    fold_items = np.where(in_fold, items[:, :fold_width], -1)
-    fold_text = kinds[np.arange(num), 0] == TEXT
-    index = np.minimum(np.arange(width)[None] + folded[:, None], max(width - 1, 0))
-    valid = (np.arange(width)[None] + folded[:, None] < width) & np.take_along_axis(kinds != PAD, index, 1)
-    shifted = [np.where(valid, np.take_along_axis(a, index, 1), fill) for a, fill in
-               ((items, -1), (kinds, PAD), (group, -1))]  # fmt: skip
-    fold = {"fold_items": fold_items, "fold_text": fold_text, "fold_rows": np.zeros(num, dtype=np.int64)}
-    return fold, shifted[0], shifted[1].astype(kinds.dtype), shifted[2]
-
-
-def _block_layout(s: dict[str, np.ndarray], cu: np.ndarray) -> tuple[BlockLayout, torch.Tensor]:
-    """The PerSRec blocks of the slots' sequences: a block ends after each ``block_end`` slot and at the end
-    of the sequence; the head block is carried whole, a segment block its T rows (its closing slot's rows
-    but the separator)."""
-    slot_rows = np.where(s["run"], s["ntok"], s["newrow"] & (s["ntok"] > 0)).astype(np.int64)
-    cum = np.cumsum(slot_rows, axis=1)
-    seq, col = np.nonzero(s["block_end"])  # sequence-major, slots in order
-    q = len(cu) - 1
-    ends = np.concatenate([cum[seq, col], cum[:, -1]])
-    carried = np.concatenate([np.where(col == 0, slot_rows[seq, col], slot_rows[seq, col] - 1),
-                              np.zeros(q, dtype=np.int64)])  # fmt: skip
-    block_seq = np.concatenate([seq, np.arange(q)])
-    order = np.lexsort((ends, block_seq))
-    ends, carried, block_seq = ends[order], carried[order], block_seq[order]
-    first = np.r_[True, block_seq[1:] != block_seq[:-1]]
-    starts = np.where(first, 0, np.r_[0, ends[:-1]])
-    layout = block_layout(ends - starts, carried, block_seq, q)
-    return layout, torch.from_numpy(carried.astype(np.int64))
-
-
-def _take(s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
-    return {k: v[lo:hi] for k, v in s.items()}
-
-
-def _concat(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if a is None or len(a["rows"]) == 0:
-        return b
-    out = {}
-    for k in b:
-        x, y = a[k], b[k]
-        if x.ndim == 2 and x.shape[1] != y.shape[1]:
-            # Different history widths between chunks: re-lay the narrower one (pad with empty slots).
-            x, y = _widen(x, y, k)
-        out[k] = np.concatenate([x, y])
-    return out
-
-
-def _widen(x: np.ndarray, y: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
-    def pad(z: np.ndarray, width: int) -> np.ndarray:
-        extra = width - z.shape[1]
-        if extra == 0:
-            return z
-        fill = {"src": 0, "ntok": 0, "run": True, "newrow": True, "block_end": False, "fold_items": -1}[key]
-        filler = np.full((z.shape[0], extra), fill, dtype=z.dtype)
-        if key == "fold_items":  # not a slot grid: pad at the end
-            return np.concatenate([z, filler], axis=1)
-        # Slots keep their order: history slots, then the 2 tail slots (tail, answer) stay last.
-        return np.concatenate([z[:, :-2], filler, z[:, -2:]], axis=1)
-
-    width = max(x.shape[1], y.shape[1])
-    return pad(x, width), pad(y, width)
 
 
 def pack_batch(
@@ -523,23 +383,24 @@ def pack_batch(
     kinds = np.stack([p.kinds for p in plans], 1).reshape(-1, width)
     group = np.stack([p.group for p in plans], 1).reshape(-1, width)
     s = packer.slots(np.repeat(items, v, 0), BatchPlan(kinds, group), np.repeat(targets, v), persrec)
-    s.update(sample=np.repeat(ids, v), view=np.tile(np.arange(v), len(ids)), target=np.repeat(targets, v))
+    s.sample, s.view, s.target = np.repeat(ids, v), np.tile(np.arange(v), len(ids)), np.repeat(targets, v)
     return packer.build(s)
 
 
-def _batch_slots(
+def batch_slots(
     packer: Packer,
     samples: Samples,
     planner: Planner,
-    max_rows: int,
+    max_rows: int | None,
     shuffle: bool,
     seed: int,
     order: np.ndarray | None,
     progress: float | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Slots]:
     """The planned slots of each token-budget batch of one pass (see ``iter_batches``), before any token
-    is gathered."""
-    if max_rows < 1:
+    is gathered; ``max_rows`` None: one batch of every sample in ``order`` (planned as in a pass with a
+    budget: the same random stream), checked by the caller (``patchrec.train.distributed.shard_step``)."""
+    if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     order_rng, plan_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     if order is None:
@@ -561,26 +422,23 @@ def _batch_slots(
             where = (lo + np.arange(len(ids))) / total
         else:
             where = np.full(len(ids), progress)
-        s = _concat(pending, packer.plan_slots(samples, ids, planner, plan_rng, where))
-        rows = s["rows"] + s["fold_rows"] if "fold_rows" in s else s["rows"]
-        sample_rows = rows.reshape(-1, views).sum(axis=1)
-        if sample_rows.max(initial=0) > max_rows:
-            bad = int(np.flatnonzero(sample_rows > max_rows)[0])
-            sid = int(s["sample"][bad * views])
-            raise ValueError(
-                f"sample {sid} (user {int(samples.user[sid])}) needs {int(sample_rows[bad])} rows "
-                f"> max_rows={max_rows}"
-            )
-        cum = np.cumsum(sample_rows)
+        s = packer.plan_slots(samples, ids, planner, plan_rng, where)
+        s = s if pending is None else pending.concat(s)
         last = lo + PLAN_CHUNK >= len(order)
+        if max_rows is None:
+            pending = s
+            if last:
+                yield s
+            continue
+        cum = np.cumsum(s.check_fits(views, max_rows, samples))
         start = 0
         while start < len(cum):
             end = int(np.searchsorted(cum, (cum[start - 1] if start else 0) + max_rows, side="right"))
             if end == len(cum) and not last:
                 break  # the batch could take samples of the next chunk
-            yield _take(s, start * views, end * views)
+            yield s.take(start * views, end * views)
             start = end
-        pending = _take(s, start * views, len(cum) * views)
+        pending = s.take(start * views, len(cum) * views)
 
 
 def iter_batches(
@@ -605,7 +463,7 @@ def iter_batches(
     steps); None = each sample's position in this pass over ``order``.
     """
     packer = Packer(tokens, answer)
-    for slots in _batch_slots(packer, samples, planner, max_rows, shuffle, seed, order, progress):
+    for slots in batch_slots(packer, samples, planner, max_rows, shuffle, seed, order, progress):
         yield packer.build(slots)
 
 
@@ -620,9 +478,10 @@ def history_token_counts(
     for lo in range(0, len(samples), PLAN_CHUNK):
         ids = np.arange(lo, min(lo + PLAN_CHUNK, len(samples)))
         s = packer.plan_slots(samples, ids, planner, rng, ids / max(len(samples), 1))
-        before[ids] = s["before"].reshape(len(ids), -1)[:, -1]
-        after[ids] = s["after"].reshape(len(ids), -1)[:, -1]
+        before[ids] = s.before.reshape(len(ids), -1)[:, -1]
+        after[ids] = s.after.reshape(len(ids), -1)[:, -1]
     return before, after
 
 
-__all__ = ["PackedBatch", "Packer", "history_token_counts", "iter_batches", "pack_batch"]
+__all__ = ["PLAN_CHUNK", "FoldPass", "PackedBatch", "Packer", "Slots", "batch_slots", "history_token_counts",
+           "iter_batches", "pack_batch"]

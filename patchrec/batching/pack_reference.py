@@ -4,7 +4,7 @@ Per sample and plan it calls the tokenizer on each title and on the two prompt h
 vectorisation) and builds a Python list of embedding rows: a text token is ``E[t]``, an item patch the mean of
 its title's rows, a session patch the mean of its members' item patches. Labels are listed as (row, token).
 ``persrec_sequence`` writes a PerSRec prompt out the same way, with each row's role for
-``patchrec.persrec.reference.persrec_mask``.
+``patchrec.persrec.reference.persrec_mask`` (``patchrec.batching.row_roles``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from patchrec.batching import row_roles as roles
 from patchrec.batching.plan import DROP, ITEM, SESSION, TEXT, Plan
 from patchrec.batching.tokens import END_SEQ, ITEM_SEP, START_SEQ, end_of_turn_token, render_prompt_text
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, Samples
-from patchrec.persrec import reference as roles
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from jinja2 import TemplateError
 
+from patchrec.batching.hf_files import load_hf_tokenizer
 from patchrec.data.dataset import HISTORY_PLACEHOLDER, Dataset
 
 START_SEQ = "<|start_seq|>"
@@ -83,8 +84,6 @@ def add_persrec_tokens(tokenizer, k: int) -> np.ndarray:
 def load_tokenizer(path: str | Path):
     """Any Hugging Face tokenizer from a local directory or a ``.gguf`` file (offline), with the history
     markers added."""
-    from patchrec.model.backbone import load_hf_tokenizer  # heavy import: only when a tokenizer is needed
-
     tokenizer = load_hf_tokenizer(path)
     add_history_markers(tokenizer)
     return tokenizer

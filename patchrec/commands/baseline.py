@@ -31,19 +31,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-from pathlib import Path
-from typing import Any
 
-import numpy as np
+from patchrec.commands.options import add_persrec_flags, add_run_flags, flag_values
 
-from patchrec.data.source import load_data
-
+# patchrec.baselines.run.MODELS, written out so that `patchrec --help` does not import torch (checked equal by
+# tests/test_baselines.py).
 MODELS = ("sasrec", "hstu", "gru4rec", "popularity")
-# Adam learning rate when --lr is not given. GRU4Rec stalled at popularity level with 1e-3 on ML-100K
-# (test HR@20 0.065 vs 0.148 with 5e-3, same seed); its paper trained with a large Adagrad rate (0.01).
-DEFAULT_LR = {"sasrec": 1e-3, "hstu": 1e-3, "gru4rec": 5e-3}
-ATTENTION_MODELS = ("sasrec", "hstu")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,7 +47,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", choices=MODELS, help="which baseline")
-    data = parser.add_argument_group("data and evaluation")
+    _data_flags(parser.add_argument_group("data and evaluation"))
+    _train_flags(parser.add_argument_group("training (sasrec, gru4rec)"))
+    _model_flags(parser.add_argument_group("model (defaults: SASRecConfig / HSTUConfig / GRU4RecConfig)"))
+    persrec = parser.add_argument_group("PerSRec (sasrec, hstu; docs/method.md §6)")
+    add_persrec_flags(persrec, {
+        "--persrec-tokens": "K learnable tokens after each old segment (0 = off)",
+        "--persrec-segment": "segments / rolling layouts: items per segment (50)",
+        "--persrec-layout": "where the tokens go (segments, the default; window; rolling)",
+        "--persrec-window": "window layout: P old items compressed into the tokens",
+        "--persrec-recent": "window layout: R newest items read as they are",
+        "--persrec-unroll": "rolling layout, training: cut the gradient every U segments (0: never)",
+        "--persrec-cache": "rank from the cached per-user state (on, default) or the whole history (off)",
+    })  # fmt: skip
+    persrec.add_argument(
+        "--latency-samples",
+        type=int,
+        default=0,
+        help="time per-user inference (batch 1) on this many evaluation samples (default 0 = skip)",
+    )
+    add_run_flags(parser.add_argument_group("run"), threads="torch CPU threads (default: torch's)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--data",
         required=True,
@@ -85,7 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     data.add_argument("--out", required=True, help="output directory")
 
-    train = parser.add_argument_group("training (sasrec, gru4rec)")
+
+def _train_flags(train: argparse._ArgumentGroup) -> None:
     train.add_argument("--epochs", type=int, default=None, help="max epochs (default 200; early stopping)")
     train.add_argument(
         "--batch-size", type=int, default=None, help="training sequences per step (default 128)"
@@ -103,7 +121,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     train.add_argument("--seed", type=int, default=0, help="seed for weights, dropout and shuffling")
 
-    model = parser.add_argument_group("model (defaults: SASRecConfig / HSTUConfig / GRU4RecConfig)")
+
+def _model_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--hidden", type=int, default=None, help="SASRec/HSTU width (64) / GRU units (100)")
     model.add_argument("--dropout", type=float, default=None, help="dropout (SASRec/HSTU 0.2, GRU4Rec 0.25)")
     model.add_argument("--num-blocks", type=int, default=None, help="SASRec/HSTU attention blocks (2)")
@@ -111,226 +130,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--embedding", type=int, default=None, help="GRU4Rec item embedding size (64)")
     model.add_argument("--num-layers", type=int, default=None, help="GRU4Rec GRU layers (1)")
 
-    persrec = parser.add_argument_group("PerSRec (sasrec, hstu; docs/method.md §6)")
-    persrec.add_argument(
-        "--persrec-tokens", type=int, default=None, help="K learnable tokens after each old segment (0 = off)"
-    )
-    persrec.add_argument("--persrec-segment", type=int, default=None,
-                         help="segments / rolling layouts: items per segment (50)")  # fmt: skip
-    persrec.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
-                         help="where the tokens go (segments, the default; window; rolling)")  # fmt: skip
-    persrec.add_argument("--persrec-window", type=int, default=None,
-                         help="window layout: P old items compressed into the tokens")  # fmt: skip
-    persrec.add_argument("--persrec-recent", type=int, default=None,
-                         help="window layout: R newest items read as they are")  # fmt: skip
-    persrec.add_argument("--persrec-unroll", type=int, default=None,
-                         help="rolling layout, training: cut the gradient every U segments (0: never)")
-    persrec.add_argument(
-        "--persrec-cache",
-        choices=("on", "off"),
-        default=None,
-        help="rank from the cached per-user state (on, default) or the whole history (off)",
-    )
-    persrec.add_argument(
-        "--latency-samples",
-        type=int,
-        default=0,
-        help="time per-user inference (batch 1) on this many evaluation samples (default 0 = skip)",
-    )
-
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def _override(config: Any, args: argparse.Namespace, names: dict[str, str]) -> Any:
-    """``config`` with the fields ``names[field] = arg`` replaced where the flag was given."""
-    given = {f: getattr(args, a) for f, a in names.items() if getattr(args, a) is not None}
-    return dataclasses.replace(config, **given)
-
-
-def _ignored(args: argparse.Namespace, flags: list[str]) -> None:
-    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} do(es) not apply to {args.model}")
-
-
-def history_items(args: argparse.Namespace, dataset) -> int:
-    """Items of history every sample reads: ``--max-items`` (default 100); the PerSRec window layout reads
-    P + R, the rolling layout the whole timeline (the longest user's length)."""
-    layout = args.persrec_layout or "segments"
-    if layout == "window":
-        if args.persrec_window is None or args.persrec_recent is None:
-            raise ValueError("--persrec-layout window needs --persrec-window P and --persrec-recent R")
-        window = args.persrec_window + args.persrec_recent
-        if args.max_items not in (None, window):
-            raise ValueError(f"--max-items must be P + R = {window} for the window layout, or left out")
-        return window
-    if args.persrec_window is not None or args.persrec_recent is not None:
-        raise ValueError("--persrec-window and --persrec-recent apply to --persrec-layout window")
-    if layout != "rolling" and args.persrec_unroll is not None:
-        raise ValueError("--persrec-unroll applies to --persrec-layout rolling")
-    if layout == "rolling":
-        if args.max_items is not None:
-            raise ValueError("--persrec-layout rolling reads the whole timeline: leave --max-items out")
-        return int(np.diff(dataset.user_offsets).max())
-    max_items = 100 if args.max_items is None else args.max_items
-    if max_items < 1:
-        raise ValueError(f"--max-items must be >= 1, got {max_items}")
-    return max_items
-
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import set_seed
+    from patchrec.baselines.run import BaselineRun, run_baseline
 
-    from patchrec.baselines import GRU4Rec, GRU4RecConfig, Popularity, SASRec, SASRecConfig, TrainConfig
-    from patchrec.baselines.checkpoint import save_baseline
-    from patchrec.baselines.train import evaluate, fit
-    from patchrec.data.dataset import make_samples
-    from patchrec.eval.metrics import format_metrics, rank_samples, write_results
-
-    out = Path(args.out)
-    progress = not args.no_progress
-    t0 = time.perf_counter()
-    dataset = load_data(args.data)
-    args.max_items = history_items(args, dataset)
-    samples = make_samples(dataset, args.split, args.max_items)
-    if len(samples) == 0:
-        raise ValueError(f"--split {args.split}: dataset {dataset.name!r} has no samples there")
-    set_seed(args.seed)
-
-    train_flags = ["epochs", "batch_size", "lr", "weight_decay", "patience", "eval_every", "max_minutes"]
-    config: dict[str, Any] = {
-        "model": args.model,
-        "data": args.data,
-        "max_items": args.max_items,
-        "split": args.split,
-        "mask_history": args.mask_history,  # also decides the validation metric used for model selection
-        "ties": args.ties,
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
-    }
-    extra: dict[str, Any] = {}
-    model = None
-    persrec_flags = ["persrec_tokens", "persrec_segment", "persrec_cache", "persrec_layout", "persrec_window",
-                     "persrec_recent", "persrec_unroll"]  # fmt: skip
-    if args.model not in ATTENTION_MODELS:
-        _ignored(args, persrec_flags)
-        if args.latency_samples:
-            raise ValueError(f"--latency-samples applies to {', '.join(ATTENTION_MODELS)}, not {args.model}")
-    if args.latency_samples < 0:
-        raise ValueError(f"--latency-samples must be >= 0, got {args.latency_samples}")
-    if args.model == "popularity":
-        _ignored(
-            args, train_flags + ["hidden", "dropout", "num_blocks", "num_heads", "embedding", "num_layers"]
-        )
-        pop = Popularity.fit(dataset)
-
-        def ranks_for(mask: bool):
-            return rank_samples(
-                pop.scorer(samples),
-                samples,
-                mask_history=mask,
-                ties=args.ties,
-                progress=progress,
-                desc=f"eval {args.split}",
-            )
-    else:
-        if args.model in ATTENTION_MODELS:
-            _ignored(args, ["embedding", "num_layers"])
-            needs_tokens = [f for f in persrec_flags[1:] if getattr(args, f) is not None]
-            if not args.persrec_tokens and needs_tokens:
-                flags = ", ".join(f"--{f.replace('_', '-')}" for f in needs_tokens)
-                raise ValueError(f"{flags} need(s) --persrec-tokens >= 1")
-            names = ["hidden", "dropout", "num_blocks", "num_heads"] + persrec_flags[:2] + persrec_flags[3:]
-            if args.model == "sasrec":
-                model_config = _override(SASRecConfig(max_len=args.max_items), args, {n: n for n in names})
-                model = SASRec(dataset.num_items, model_config)
-            else:
-                from patchrec.baselines.hstu import HSTU, HSTUConfig
-
-                model_config = _override(HSTUConfig(max_len=args.max_items), args, {n: n for n in names})
-                model = HSTU(dataset.num_items, model_config)
-            persrec_cache = bool(model_config.persrec_tokens) and args.persrec_cache != "off"
-            config["persrec_cache"] = persrec_cache
-        else:
-            _ignored(args, ["num_blocks", "num_heads"])
-            model_config = _override(
-                GRU4RecConfig(),
-                args,
-                {
-                    "hidden": "hidden",
-                    "dropout": "dropout",
-                    "embedding": "embedding",
-                    "num_layers": "num_layers",
-                },
-            )
-            model = GRU4Rec(dataset.num_items, model_config)
-            persrec_cache = False
-        base = TrainConfig(seed=args.seed, lr=DEFAULT_LR[args.model])
-        train_config = _override(base, args, {f: f for f in train_flags})
-        config["model_config"] = dataclasses.asdict(model_config)
-        config["train_config"] = dataclasses.asdict(train_config)
-        result = fit(
-            model,
-            dataset,
-            train_config,
-            max_len=args.max_items,
-            mask_history=args.mask_history,
-            progress=progress,
-        )
-        extra["training"] = dataclasses.asdict(result)
-        print(
-            f"selected epoch {result.best_epoch} of {result.epochs_run} "
-            f"(val NDCG@10 {result.best_val_ndcg10:.4f}, {result.seconds:.0f} s)"
-        )
-
-        def ranks_for(mask: bool):
-            return evaluate(
-                model,
-                samples,
-                mask_history=mask,
-                ties=args.ties,
-                batch_size=train_config.eval_batch_size,
-                progress=progress,
-                persrec_cache=persrec_cache,
-            )
-
-        if args.latency_samples:
-            from patchrec.baselines.latency import per_user_latency
-
-            extra["latency"] = per_user_latency(model, samples, args.latency_samples, cached=persrec_cache)
-            lat = extra["latency"]
-            state = f", state {lat['state_bytes_mean'] / 1024:.1f} KiB/user" if persrec_cache else ""
-            print(f"inference: {lat['ms_per_user_median']:.2f} ms/user (median, batch 1){state}")
-
-    config["num_items"] = dataset.num_items
-    save_baseline(model if model is not None else pop, config, out)
-    masks = [args.mask_history, not args.mask_history] if args.both_masks else [args.mask_history]
-    for mask in masks:
-        ranks = ranks_for(mask)
-        extra["wall_seconds"] = time.perf_counter() - t0
-        common = dict(
-            ranks=ranks,
-            mask_history=mask,
-            split=args.split,
-            dataset=dataset.name,
-            model=args.model,
-            config=config,
-            ties=args.ties,
-            extra=extra,
-        )
-        if mask == args.mask_history:
-            written = write_results(out / "results.json", **common)
-        if args.both_masks:
-            written = write_results(out / f"results_{'masked' if mask else 'unmasked'}.json", **common)
-        label = "masked" if mask else "unmasked"
-        print(
-            f"{args.model} {dataset.name} {args.split} ({label}, n={len(ranks)}): "
-            f"{format_metrics(written['metrics'])}"
-        )
-    print(f"wrote {out / 'results.json'}")
+    names = [f.name for f in dataclasses.fields(BaselineRun) if f.name != "progress"]
+    run_baseline(BaselineRun(**flag_values(args, names), progress=not args.no_progress))
     return 0

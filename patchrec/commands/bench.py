@@ -7,9 +7,9 @@ Example::
     patchrec bench report benches/results/cpu.json --out benches/results/cpu-report
     patchrec bench gpu --dry-run        # the GPU check's plan; without --dry-run, on a CUDA machine, runs it
 
-Ratios only divide numbers of the same results file (see ``patchrec.bench_report``). Plots need matplotlib
-(the ``plot`` extra: ``pip install 'patchrec[plot]'``). The GPU check lives in the source checkout
-(``benches/gpu_check.py``), beside the benches it runs.
+Ratios only divide numbers of the same results file (see ``patchrec.reports.bench_report``). Plots need
+matplotlib (the ``plot`` extra: ``pip install 'patchrec[plot]'``). The GPU check lives in the source
+checkout (``benches/gpu_check.py``), beside the benches it runs.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ValueError("plots need matplotlib: pip install 'patchrec[plot]'") from None
-    from patchrec.bench_report import write_report
+    from patchrec.reports.bench_report import write_report
 
     report = write_report(args.results, args.out)
     print(f"wrote {report} and its plots in {report.parent}")

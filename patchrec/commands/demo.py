@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from patchrec.demo import main
+    from patchrec.experiments.demo import main
 
     print(main(args.out, quick=args.quick, threads=args.threads, progress=not args.no_progress,
                backbone=args.backbone))

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from patchrec.batching.plan import evaluation_plan
+from patchrec.commands.options import add_persrec_flags
 from patchrec.data.source import load_data
 from patchrec.eval.metrics import DEFAULT_KS
 
@@ -79,20 +80,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--k", type=int, default=None,
                       help="pft-i: newest items kept as text (default: the run's, else 5)")
     data.add_argument("--g", type=int, default=None, help="pft-s: session size (default: the run's, else 5)")
-    data.add_argument("--persrec-tokens", type=int, default=None,
-                      help="persrec: personalization tokens per old segment (default: the run's, else 4)")
-    data.add_argument("--persrec-segment", type=int, default=None,
-                      help="persrec: items per old segment (default: the run's, else 20)")
-    data.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
-                      help="persrec: the layout (default: the run's, else segments)")
-    data.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P (the run's)")
-    data.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R (the run's)")
-    data.add_argument("--persrec-old", choices=("text", "item"), default=None,
-                      help="persrec: old items as item patches or text (default: the run's, else item)")
-    data.add_argument("--persrec-cache", choices=("on", "off"), default=None,
-                      help="persrec: on = build each user's state (prefix + T tokens) from the old segments "
+    add_persrec_flags(data, {
+        "--persrec-tokens": "persrec: personalization tokens per old segment (default: the run's, else 4)",
+        "--persrec-segment": "persrec: items per old segment (default: the run's, else 20)",
+        "--persrec-layout": "persrec: the layout (default: the run's, else segments)",
+        "--persrec-window": "persrec window layout: P (the run's)",
+        "--persrec-recent": "persrec window layout: R (the run's)",
+        "--persrec-old": "persrec: old items as item patches or text (default: the run's, else item)",
+        "--persrec-cache": "persrec: on = build each user's state (prefix + T tokens) from the old segments "
                            "once, then rank from the recent block against it; off = the whole prompt at "
-                           "once (same scores; default on)")
+                           "once (same scores; default on)",
+    })  # fmt: skip
     data.add_argument("--force", action="store_true",
                       help="allow --plan/--k/--g/--max-items that contradict the run's train_config.json")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")

@@ -1,8 +1,8 @@
-"""``patchrec reproduce``: the paper's experiments on one backbone (``patchrec.reproduce``): vanilla SFT,
-patch pre-training -> PFT-I / PFT-S, and the ID baselines (table2); PFT-I / PFT-S without pre-training
-(table3); the pre-training stage alone under compression (table4); the dropout ablation (dropout);
-K = G = 20 at longer histories and the cost curve (long). Every LLM stage trains on the same samples with
-the same samples per step and steps; LLM rows are ranked with the authors' beam protocol.
+"""``patchrec reproduce``: the paper's experiments on one backbone (``patchrec.experiments.reproduce``):
+vanilla SFT, patch pre-training -> PFT-I / PFT-S, and the ID baselines (table2); PFT-I / PFT-S without
+pre-training (table3); the pre-training stage alone under compression (table4); the dropout ablation
+(dropout); K = G = 20 at longer histories and the cost curve (long). Every LLM stage trains on the same
+samples with the same samples per step and steps; LLM rows are ranked with the authors' beam protocol.
 
 Examples::
 
@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from patchrec.commands.options import add_run_flags
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from patchrec.reproduce_settings import EXPERIMENTS, RELEASES, SCALES
+    from patchrec.experiments.reproduce_settings import EXPERIMENTS, RELEASES, SCALES
 
     parser = subparsers.add_parser(
         "reproduce",
@@ -72,17 +74,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="dry run: sustained training TFLOP/s per GPU the GPU hours assume (default 400)")
     ck.add_argument("--assume-eval-tflops", type=float, default=None,
                     help="dry run: sustained ranking TFLOP/s per GPU the GPU hours assume (default 100)")
-    ck.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ck.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(ck)
     parser.set_defaults(run=run_command)
     return parser
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from patchrec.reproduce import Reproduction
-    from patchrec.reproduce_estimate import Throughput
-    from patchrec.reproduce_report import dry_run_table, summary_table
-    from patchrec.reproduce_settings import parse_experiments
+    from patchrec.experiments.reproduce import Reproduction
+    from patchrec.experiments.reproduce_estimate import Throughput
+    from patchrec.experiments.reproduce_report import dry_run_table, summary_table
+    from patchrec.experiments.reproduce_settings import parse_experiments
 
     seed = args.seed if args.seed is not None else (42 if args.scale == "paper" else 0)
     job = Reproduction(args.data, args.backbone, args.out, args.scale, preset=args.preset,

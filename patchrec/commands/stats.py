@@ -4,7 +4,7 @@ Example::
 
     patchrec stats --data data/ml-1m --tokenizer path/to/llama3 --json
 
-Definitions of every figure: ``patchrec.stats`` (module docstring).
+Definitions of every figure: ``patchrec.batching.stats`` (module docstring).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports (transformers, torch) only when the command runs, so `patchrec --help` stays fast.
+    from patchrec.batching.stats import dataset_stats, format_stats
     from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
     from patchrec.data.release import load_release
-    from patchrec.stats import dataset_stats, format_stats
 
     dataset = load_release(args.data)
     tokens = tokenize_dataset(load_tokenizer(args.tokenizer), dataset)

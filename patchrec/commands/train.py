@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 
+from patchrec.commands.options import add_persrec_flags, add_run_flags
 from patchrec.train.config import PERSREC_FIELDS, PRESETS, STAGES, TrainConfig
 
 # argparse dest -> TrainConfig field, for flags whose default (None) means "the preset's / config's value"
@@ -55,7 +56,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = parser.add_argument_group("stage and model")
+    _stage_flags(parser.add_argument_group("stage and model"))
+    _lora_flags(parser.add_argument_group("LoRA (needs peft: pip install 'patchrec[peft]')"))
+    _data_flags(parser.add_argument_group("data"))
+    _optimisation_flags(parser.add_argument_group("optimisation"))
+    _run_flags(parser.add_argument_group("validation, logging, checkpoints, hardware"))
+    dist = parser.add_argument_group("several processes (under torchrun)")
+    dist.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default=None,
+                      help="ddp (auto: a full replica per rank) or fsdp (FSDP2: weights, gradients and "
+                           "AdamW state sharded per decoder layer); ignored by a single process")
+    dist.add_argument("--dist-timeout", type=float, default=None,
+                      help="seconds a collective may wait before the job fails (default 1800)")
+    parser.set_defaults(run=run_command)
+    return parser
+
+
+def _stage_flags(what: argparse._ArgumentGroup) -> None:
     what.add_argument("--stage", required=True, choices=STAGES, help="plan trained in this stage")
     what.add_argument("--init", default=None,
                       help="model preset (tiny, llama-3.2-1b: random init), HF model dir, .gguf file, or a "
@@ -66,21 +82,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what.add_argument("--g", type=int, default=None, help="pft-s: session size (default 5; ml-100k 20)")
     what.add_argument("--p", type=float, default=None,
                       help="pretrain/dropout probability (default: linear curriculum 0 -> 1)")
-    what.add_argument("--persrec-tokens", type=int, default=None,
-                      help="persrec: personalization tokens after each old segment (default 4)")
-    what.add_argument("--persrec-segment", type=int, default=None,
-                      help="persrec: items per old-history segment, from the oldest (default 20)")
-    what.add_argument("--persrec-old", choices=("text", "item"), default=None,
-                      help="persrec: old items as item patches (default) or text")
-    what.add_argument("--persrec-layout", choices=("segments", "window", "rolling"), default=None,
-                      help="persrec: segments (default), window (one old window of P items, then R recent) "
-                           "or rolling (a k-vector memory over the whole timeline)")
-    what.add_argument("--persrec-window", type=int, default=None, help="persrec window layout: P")
-    what.add_argument("--persrec-recent", type=int, default=None, help="persrec window layout: R")
-    what.add_argument("--persrec-unroll", type=int, default=None,
-                      help="persrec rolling layout: cut the memory's gradient every U segments (0: never)")
+    add_persrec_flags(what, {
+        "--persrec-tokens": "persrec: personalization tokens after each old segment (default 4)",
+        "--persrec-segment": "persrec: items per old-history segment, from the oldest (default 20)",
+        "--persrec-old": "persrec: old items as item patches (default) or text",
+        "--persrec-layout": "persrec: segments (default), window (one old window of P items, then R recent) "
+                            "or rolling (a k-vector memory over the whole timeline)",
+        "--persrec-window": "persrec window layout: P",
+        "--persrec-recent": "persrec window layout: R",
+        "--persrec-unroll": "persrec rolling layout: cut the memory's gradient every U segments (0: never)",
+    })  # fmt: skip
 
-    lora = parser.add_argument_group("LoRA (needs peft: pip install 'patchrec[peft]')")
+
+def _lora_flags(lora: argparse._ArgumentGroup) -> None:
     lora.add_argument("--lora-r", type=int, default=None,
                       help="LoRA rank on the decoder's linear layers; 0 (default) = full fine-tuning")
     lora.add_argument("--lora-alpha", type=float, default=None,
@@ -95,7 +109,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="with LoRA, the final model/: adapters merged into plain weights (default) or the "
                            "adapter directory (needs the base model where it was); checkpoints are adapters")
 
-    data = parser.add_argument_group("data")
+
+def _data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--data", required=True, help="release directory or 'synthetic'")
     data.add_argument("--tokenizer", default=None,
                       help="HF tokenizer dir (default: the init model's; random init: a BPE on the titles)")
@@ -115,7 +130,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--out", required=True, help="output directory")
     data.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
-    opt = parser.add_argument_group("optimisation")
+
+def _optimisation_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate")
     opt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     opt.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup share (default 0.05)")
@@ -131,7 +147,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="packed rows per micro-batch (memory only: a step's samples are accumulated)")
     opt.add_argument("--seed", type=int, default=None, help="seed for init, data order and random plans")
 
-    run = parser.add_argument_group("validation, logging, checkpoints, hardware")
+
+def _run_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument("--val-every", type=int, default=None, help="steps between validations (0 = never)")
     run.add_argument("--val-samples", type=int, default=None, help="validation subset size (default 256)")
     run.add_argument("--val-plan", choices=("vanilla", "pft-i", "pft-s"), default=None,
@@ -146,15 +163,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run.add_argument("--save-dtype", choices=("fp32", "bf16"), default=None,
                      help="dtype of the final saved model (default fp32; checkpoints are always fp32)")
     run.add_argument("--device", default=None, help="cuda, cpu or auto (default)")
-    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    dist = parser.add_argument_group("several processes (under torchrun)")
-    dist.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default=None,
-                      help="ddp (auto: a full replica per rank) or fsdp (FSDP2: weights, gradients and "
-                           "AdamW state sharded per decoder layer); ignored by a single process")
-    dist.add_argument("--dist-timeout", type=float, default=None,
-                      help="seconds a collective may wait before the job fails (default 1800)")
-    parser.set_defaults(run=run_command)
-    return parser
+    add_run_flags(run, threads=None, progress="no tqdm progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from patchrec.data.dataset import Dataset
+from patchrec.data.release import load_release
 from patchrec.data.synthetic import SyntheticConfig, make_synthetic
 
 SYNTHETIC = "synthetic"
@@ -24,6 +25,4 @@ def load_data(spec: str | Path, synthetic: SyntheticConfig | None = None) -> Dat
     default ``DEFAULT_SYNTHETIC``)."""
     if str(spec) == SYNTHETIC:
         return make_synthetic(**dataclasses.asdict(synthetic or DEFAULT_SYNTHETIC))
-    from patchrec.data.release import load_release
-
     return load_release(spec)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchrec.batching.pack import PackedBatch
+from patchrec.batching.packed import PackedBatch
 from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations
 from patchrec.model.attention import BlockPlan
 

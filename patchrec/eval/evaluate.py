@@ -182,6 +182,28 @@ def beam_ranks(
     return ranks
 
 
+def _check_args(tokens: TokenizedDataset, samples: Samples, planner: Planner, ranking: str, max_rows: int,
+                beams: int, groups: int, diversity: float, persrec_cache: str) -> None:  # fmt: skip
+    """``ValueError`` naming the first of ``evaluate``'s arguments that is out of range."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if planner.views != 1:
+        raise ValueError(f"planner must give one view per sample, got {planner.name!r} ({planner.views})")
+    if persrec_cache not in ("on", "off"):
+        raise ValueError(f"--persrec-cache must be 'on' or 'off', got {persrec_cache!r}")
+    if ranking == "beam":
+        if beams < 1:
+            raise ValueError(f"beams must be >= 1, got {beams}")
+        if groups < 1 or beams % groups:
+            raise ValueError(f"groups must be >= 1 and divide beams={beams}, got {groups}")
+        if diversity < 0:
+            raise ValueError(f"diversity must be >= 0, got {diversity}")
+    if tokens.titles.offsets.shape[0] - 1 != samples.dataset.num_items:
+        raise ValueError("tokens must be the tokenisation of samples.dataset (title counts differ)")
+
+
 def evaluate(
     model,
     tokens: TokenizedDataset,
@@ -212,24 +234,9 @@ def evaluate(
     scores up to fp32 rounding, a quarter fewer catalog rows on ML-1M); False: one sequence per title.
     The model is put in eval mode and gradients are off; its training flag is restored afterwards.
     """
-    if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if planner.views != 1:
-        raise ValueError(f"planner must give one view per sample, got {planner.name!r} ({planner.views})")
-    if persrec_cache not in ("on", "off"):
-        raise ValueError(f"--persrec-cache must be 'on' or 'off', got {persrec_cache!r}")
+    _check_args(tokens, samples, planner, ranking, max_rows, beams, groups, diversity, persrec_cache)
     if ranking == "beam":
-        if beams < 1:
-            raise ValueError(f"beams must be >= 1, got {beams}")
-        if groups < 1 or beams % groups:
-            raise ValueError(f"groups must be >= 1 and divide beams={beams}, got {groups}")
-        if diversity < 0:
-            raise ValueError(f"diversity must be >= 0, got {diversity}")
         protocol = get_protocol(protocol)
-    if tokens.titles.offsets.shape[0] - 1 != samples.dataset.num_items:
-        raise ValueError("tokens must be the tokenisation of samples.dataset (title counts differ)")
     samples = limit_samples(samples, limit)
     catalog = CatalogTitles.from_table(tokens.titles)
     was_training = model.training

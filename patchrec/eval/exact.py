@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchrec.batching.pack import PackedBatch
+from patchrec.batching.packed import PackedBatch
 from patchrec.batching.tokens import TitleTable
 from patchrec.model.attention import BlockPlan, ContinuationPlan, PackedPlan, PromptCache
 from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full

@@ -14,22 +14,21 @@ GGUF files load through transformers' own GGUF reader (the ``gguf`` package; wei
 requested dtype). A model read that way carries a ``quantization_config`` and refuses ``save_pretrained``, so
 its weights are copied into a plain model of the same class and config: from then on it is an ordinary model
 that saves as safetensors and reloads in plain transformers. The tokenizer and its chat template come from
-the same file.
+the same file (``patchrec.batching.hf_files.load_hf_tokenizer``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-GGUF_SUFFIX = ".gguf"
+from patchrec.batching.hf_files import check_json_files, is_gguf, read_gguf
+
 # The decoder families patchrec runs exactly (model_type -> the transformers class it loads as). Their layers
 # run unchanged; only the attention function is patchrec's. Anything else is refused: loading it into another
 # family's class would drop weights silently (Qwen2's q/k/v biases, Qwen3's q/k norms).
@@ -41,41 +40,9 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",  # only without attention soft-capping (real Gemma 2 checkpoints have it)
     "gemma3_text": "Gemma3ForCausalLM",  # Gemma 3 text (1B; q/k norms, scaled embeddings, local/global RoPE)
 }
-# The JSON files of a model or tokenizer directory that transformers reads (when present).
-JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-T = TypeVar("T")
-
-
-def is_gguf(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == GGUF_SUFFIX
-
-
-def _gguf_parts(path: str | Path) -> tuple[str, str]:
-    """(directory, file name) as transformers' ``gguf_file`` loading wants them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    return str(path.parent), path.name
 
 
 # ---- files that do not read: one ValueError naming the file, not a library's traceback -------------------
-def check_json_files(directory: Path) -> None:
-    """``ValueError`` naming the first of ``JSON_FILES`` in ``directory`` that is not valid UTF-8 JSON (a
-    truncated or corrupted write); transformers' own errors name no file or only a directory."""
-    for name in JSON_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not UTF-8 text (corrupted?)") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: malformed JSON (truncated or corrupted?): {exc.msg} (line "
-                             f"{exc.lineno}, column {exc.colno})") from None
-
-
 def check_weight_files(directory: Path) -> None:
     """``FileNotFoundError`` when a model directory has no safetensors weights, ``ValueError`` naming a
     weights file whose header or length is wrong (safetensors checks both when the file is opened, without
@@ -91,19 +58,6 @@ def check_weight_files(directory: Path) -> None:
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") \
                 from None
-
-
-def read_gguf(path: str | Path, read: Callable[[str, str], T]) -> T:
-    """``read(folder, name)`` on a ``.gguf`` file; any failure of the GGUF reader on the file's bytes (it
-    raises struct.error, ValueError, IndexError, ... deep inside) is one ``ValueError`` naming the file."""
-    folder, name = _gguf_parts(path)
-    try:
-        return read(folder, name)
-    except ImportError:
-        raise  # a missing package (gguf, or one it needs): the environment's problem, not the file's
-    except Exception as exc:  # noqa: BLE001 - many error types, all meaning "this file does not read"
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: cannot read this GGUF file ({type(exc).__name__}: {first})") from exc
 
 
 def unsupported_features(config: PretrainedConfig) -> list[str]:
@@ -188,31 +142,3 @@ def load_causal_lm(
     check_weight_files(Path(path))
     return model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                        attn_implementation=attn_implementation)
-
-
-def load_hf_tokenizer(path: str | Path):
-    """The Hugging Face tokenizer of a directory or of a ``.gguf`` file (its chat template included)."""
-    from transformers import AutoTokenizer
-
-    if is_gguf(path):
-        return read_gguf(path, lambda folder, name: AutoTokenizer.from_pretrained(
-            folder, gguf_file=name, local_files_only=True))
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
-    check_json_files(path)
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # valid JSON that the tokenizers library cannot build a tokenizer from
-        if isinstance(exc, (ValueError, FileNotFoundError)):
-            raise
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable tokenizer ({type(exc).__name__}: {first})") from exc
-
-
-def has_tokenizer(path: str | Path) -> bool:
-    """Whether ``path`` carries a tokenizer: a GGUF file always does, a directory when it has the files."""
-    path = Path(path)
-    if is_gguf(path):
-        return path.is_file()
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()

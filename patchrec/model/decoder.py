@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from patchrec.batching.pack import FoldPass, PackedBatch
+from patchrec.batching.packed import FoldPass, PackedBatch
 from patchrec.model.attention import PACKED_ATTENTION, AttentionPlan, BlockPlan, PackedPlan
 from patchrec.model.backbone import check_architecture, load_causal_lm
 from patchrec_kernels.patch_embed import patch_embed

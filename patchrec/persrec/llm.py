@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from patchrec.batching.blocks import BlockLayout, block_layout
-from patchrec.batching.pack import PackedBatch
+from patchrec.batching.packed import PackedBatch
 from patchrec.batching.persrec_layouts import PersrecConfig, old_items
 from patchrec.data.dataset import ragged_arange
 from patchrec.model.attention import BlockPlan, PromptCache

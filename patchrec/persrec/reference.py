@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-PREFIX, ITEM, TOKEN, RECENT = 0, 1, 2, 3
+from patchrec.batching.row_roles import ITEM, PREFIX, RECENT, TOKEN
 
 
 def persrec_mask(kind: np.ndarray, segment: np.ndarray) -> torch.Tensor:
@@ -71,3 +71,6 @@ def item_roles(n: int, segment: int, tokens: int) -> tuple[np.ndarray, np.ndarra
     kind += [RECENT] * recent
     seg += [-1] * recent
     return np.array(kind), np.array(seg)
+
+
+__all__ = ["ITEM", "PREFIX", "RECENT", "TOKEN", "item_roles", "masked_attention_reference", "persrec_mask"]

@@ -122,7 +122,7 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
     async def lifespan(app: FastAPI):
         executor = ThreadPoolExecutor(1, thread_name_prefix="patchrec-worker")
         batcher = Batcher(
-            lambda jobs: handle(jobs, executor), window_s=config.batch_window_ms / 1000,
+            lambda jobs: _handle(service, metrics, jobs, executor), window_s=config.batch_window_ms / 1000,
             max_rows=config.batch_rows, max_jobs=config.batch_requests, queue_size=config.queue_size,
             on_depth=metrics.queue_depth.set, active=lambda: wrapped.in_flight,
         )  # fmt: skip
@@ -135,34 +135,6 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
         finally:
             await batcher.stop()  # every queued request is answered first
             executor.shutdown(wait=True)
-
-    async def handle(jobs: list[Job], executor) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        events = [j for j in jobs if j.kind == "events"]
-        recs = [j for j in jobs if j.kind == "recommend"]
-        metrics.batch_requests.observe(len(jobs))
-        failures = service.state_failures
-        if events:
-            try:
-                acks = await loop.run_in_executor(executor, service.append, [j.payload for j in events])
-            except Exception as err:
-                log.exception("storing events failed")
-                failed = ApiError(503, None, f"storing the events failed: {type(err).__name__}: {err}")
-                acks = [failed] * len(events)
-            for job, ack in zip(events, acks, strict=True):
-                _settle(job.future, ack)
-            metrics.events.inc(sum(a.count for a in acks if isinstance(a, Ack)))
-        if recs:
-            metrics.batch_rows.observe(sum(j.rows for j in recs))
-            outs = await loop.run_in_executor(executor, service.recommend, [j.payload for j in recs])
-            for job, out in zip(recs, outs, strict=True):
-                _settle(job.future, out)
-        if events and scorer.stateful:
-            users = list(dict.fromkeys(a.user for a in acks if isinstance(a, Ack) and a.count))
-            await loop.run_in_executor(executor, service.maintain, users)
-        metrics.state_failures.inc(service.state_failures - failures)
-        metrics.batch_seconds.observe(loop.time() - start)
 
     async def run(job: Job):
         try:
@@ -186,7 +158,48 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
 
     app = FastAPI(title="patchrec serve", version="1", lifespan=lifespan,
                   description="Online recommendation with dynamic packed batching.")  # fmt: skip
+    _add_error_handlers(app)
+    _add_request_routes(app, config, scorer, reader, run, max_k)
+    _add_read_routes(app, scorer, reader, runtime, metrics)
+    wrapped = RequestMetrics(BearerAuth(BodyLimit(JsonBody(app), config.max_body_bytes), token), metrics)
+    wrapped.fastapi = app  # for tests and the server (lifespan, state)
+    return wrapped
 
+
+async def _handle(service: Service, metrics: ServeMetrics, jobs: list[Job], executor) -> None:
+    """One batch of jobs, the work on the worker thread (``executor``): the events stored, the
+    recommendations scored, then the stateful scorers' states brought up to date for the users with events."""
+    scorer = service.scorer
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    events = [j for j in jobs if j.kind == "events"]
+    recs = [j for j in jobs if j.kind == "recommend"]
+    metrics.batch_requests.observe(len(jobs))
+    failures = service.state_failures
+    if events:
+        try:
+            acks = await loop.run_in_executor(executor, service.append, [j.payload for j in events])
+        except Exception as err:
+            log.exception("storing events failed")
+            failed = ApiError(503, None, f"storing the events failed: {type(err).__name__}: {err}")
+            acks = [failed] * len(events)
+        for job, ack in zip(events, acks, strict=True):
+            _settle(job.future, ack)
+        metrics.events.inc(sum(a.count for a in acks if isinstance(a, Ack)))
+    if recs:
+        metrics.batch_rows.observe(sum(j.rows for j in recs))
+        outs = await loop.run_in_executor(executor, service.recommend, [j.payload for j in recs])
+        for job, out in zip(recs, outs, strict=True):
+            _settle(job.future, out)
+    if events and scorer.stateful:
+        users = list(dict.fromkeys(a.user for a in acks if isinstance(a, Ack) and a.count))
+        await loop.run_in_executor(executor, service.maintain, users)
+    metrics.state_failures.inc(service.state_failures - failures)
+    metrics.batch_seconds.observe(loop.time() - start)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as the API's JSON body (``error_body``) with its status."""
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.field), exc.status, headers=exc.headers)
@@ -226,6 +239,9 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
     async def conflict(request, exc: RequestIdConflict):
         return JSONResponse(error_body(str(exc), "request_id"), 409)
 
+
+def _add_request_routes(app: FastAPI, config: ServeConfig, scorer, reader, run, max_k: int) -> None:
+    """The two routes that go through the batcher (``run``): events and recommendations."""
     @app.post("/v1/events", response_model=EventsOut, summary="append a user's interactions")
     async def events(body: EventsIn) -> EventsOut:
         if len(body.items) > config.max_event_items:
@@ -272,6 +288,9 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
             for r in results
         ])  # fmt: skip
 
+
+def _add_read_routes(app: FastAPI, scorer, reader, runtime: dict, metrics: ServeMetrics) -> None:
+    """The routes that only read: a user's record, liveness and the Prometheus metrics."""
     @app.get("/v1/users/{user_id}", response_model=UserOut,
              summary="a user's history length and stored state")  # fmt: skip
     async def user(user_id: Annotated[UserId, Path()],
@@ -296,10 +315,6 @@ def create_app(service: Service, config: ServeConfig, reader, *, token: str | No
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    wrapped = RequestMetrics(BearerAuth(BodyLimit(JsonBody(app), config.max_body_bytes), token), metrics)
-    wrapped.fastapi = app  # for tests and the server (lifespan, state)
-    return wrapped
 
 
 def _settle(future: asyncio.Future, outcome) -> None:

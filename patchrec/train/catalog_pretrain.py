@@ -18,6 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchrec.batching.tokens import load_tokenizer
+from patchrec.model.decoder import PackedDecoder, llama_config
+from patchrec.train.checkpoint import save_model_dir
+from patchrec.train.parallel import param_groups
+
 
 @dataclass
 class CatalogTextConfig:
@@ -57,11 +62,6 @@ def train_catalog_text(titles: list[str], topic_of_item: np.ndarray, tokenizer_d
                        ) -> CatalogTextResult:  # fmt: skip
     """Train a ``preset`` Llama from random init on catalog texts; writes ``out/model`` (+ tokenizer)."""
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
-
-    from patchrec.batching.tokens import load_tokenizer
-    from patchrec.model.decoder import PackedDecoder, llama_config
-    from patchrec.train.checkpoint import save_model_dir
-    from patchrec.train.parallel import param_groups
 
     config = config or CatalogTextConfig()
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -29,13 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from patchrec.batching.pack import PackedBatch, Packer, _batch_slots
+from patchrec.batching.pack import PackedBatch, Packer, batch_slots
 from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
-
-# Rows budget that never cuts: used to plan a whole step as one slot table (cum + budget must fit int64).
-_NO_CUT = 1 << 60
+from patchrec.eval.evaluate import EvalResult, evaluate, limit_samples
+from patchrec.eval.metrics import ranking_metrics
 
 
 # ---- process group -----------------------------------------------------------------------------------------
@@ -182,10 +181,6 @@ class StepShard:
     rank_rows: list[int]  # packed rows of each rank's part (the balance)
 
 
-def _slice(s: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
-    return {k: v[lo:hi] for k, v in s.items()}
-
-
 def shard_step(
     samples: Samples, planner: Planner, tokens: TokenizedDataset, ids: np.ndarray, *, seed: int,
     progress: float, max_rows: int, rank: int, world_size: int, equal_counts: bool,
@@ -196,47 +191,39 @@ def shard_step(
     ``equal_counts``: every rank gets as many micro-batches as the busiest one (FSDP: each forward and
     backward is a collective); otherwise at least one (DDP: one synchronised backward per step)."""
     packer = Packer(tokens)
-    # The same planning code and random stream as the single-process step, with a budget that never cuts.
-    slots = next(_batch_slots(packer, samples, planner, _NO_CUT, False, seed, np.asarray(ids), progress))
+    # The same planning code and random stream as the single-process step, the whole step as one table.
+    slots = next(batch_slots(packer, samples, planner, None, False, seed, np.asarray(ids), progress))
     views = planner.views
-    sample_rows = slots["rows"].reshape(-1, views).sum(axis=1)
-    if sample_rows.max(initial=0) > max_rows:
-        bad = int(np.flatnonzero(sample_rows > max_rows)[0])
-        sid = int(slots["sample"][bad * views])
-        raise ValueError(f"sample {sid} (user {int(samples.user[sid])}) needs {int(sample_rows[bad])} rows "
-                         f"> max_rows={max_rows}")  # fmt: skip
+    sample_rows = slots.check_fits(views, max_rows, samples)  # what the single-process step's budget counts
     parts = balanced_bounds(sample_rows, world_size)
     micro = [parts[r] + greedy_bounds(sample_rows[parts[r] : parts[r + 1]], max_rows)
              for r in range(world_size)]  # fmt: skip
     counts = [len(m) - 1 for m in micro]
     mine = micro[rank]
-    batches = [packer.build(_slice(slots, lo * views, hi * views))
+    batches = [packer.build(slots.take(lo * views, hi * views))
                for lo, hi in zip(mine[:-1], mine[1:], strict=True)]  # fmt: skip
     weights = [1.0] * len(batches)
     target = max(counts) if equal_counts else 1
     if len(batches) < target:
         small = int(np.argmin(sample_rows))
-        filler = packer.build(_slice(slots, small * views, (small + 1) * views))
+        filler = packer.build(slots.take(small * views, (small + 1) * views))
         batches += [filler] * (target - len(batches))
         weights += [0.0] * (target - len(weights))
     # Labels of a sequence: its answer title's tokens and the end-of-turn token.
-    num_labels = int(packer.title_lengths[slots["target"]].sum()) + len(slots["target"])
+    num_labels = int(packer.title_lengths[slots.target].sum()) + len(slots.target)
     return StepShard(
-        batches=batches, weights=weights, num_labels=num_labels, rows=int(slots["rows"].sum()),
-        tokens=int(slots["ntok"].sum()), sequences=len(slots["rows"]), micro_batches=sum(counts),
+        batches=batches, weights=weights, num_labels=num_labels, rows=int(slots.rows.sum()),
+        tokens=int(slots.ntok.sum()), sequences=len(slots), micro_batches=sum(counts),
         rank_rows=[int(sample_rows[parts[r] : parts[r + 1]].sum()) for r in range(world_size)],
     )  # fmt: skip
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
 def evaluate_sharded(model, tokens: TokenizedDataset, samples: Samples, ctx: DistContext, *,
-                     limit: int | None = None, progress: bool = True, **kwargs):  # fmt: skip
+                     limit: int | None = None, progress: bool = True, **kwargs) -> EvalResult:  # fmt: skip
     """``patchrec.eval.evaluate.evaluate`` over ``samples`` (the first ``limit``), each rank ranking a
     contiguous shard with its own full copy of ``model``; every rank returns the whole ``EvalResult`` (ranks
     in sample order, metrics over all of them). A single process is ``evaluate`` itself."""
-    from patchrec.eval.evaluate import EvalResult, evaluate, limit_samples
-    from patchrec.eval.metrics import ranking_metrics
-
     samples = limit_samples(samples, limit)
     if not ctx.active:
         return evaluate(model, tokens, samples, progress=progress, **kwargs)

@@ -43,8 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,25 +52,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from patchrec.batching.pack import PackedBatch, iter_batches
 from patchrec.batching.plan import Planner, evaluation_plan, make_planner
-from patchrec.batching.tokens import HISTORY_MARKERS, TokenizedDataset, load_tokenizer, tokenize_dataset
-from patchrec.data.dataset import Dataset, Samples, make_samples
-from patchrec.data.source import load_data
-from patchrec.data.synthetic import SyntheticConfig
-from patchrec.model.backbone import has_tokenizer, is_gguf
-from patchrec.model.decoder import PRESETS as MODEL_PRESETS
+from patchrec.batching.tokens import TokenizedDataset, load_tokenizer, tokenize_dataset
+from patchrec.data.dataset import Samples, make_samples
 from patchrec.model.decoder import PackedDecoder
-from patchrec.model.lora import (
-    DEFAULT_TARGETS,
-    LoraSettings,
-    apply_lora,
-    is_adapter_dir,
-    load_model,
-    merge_lora,
-)
+from patchrec.model.lora import merge_lora
 from patchrec.train.checkpoint import (  # noqa: F401  (latest_checkpoint, load_trainer_state: part of this API)
     kill_point,
     latest_checkpoint,
@@ -104,6 +92,18 @@ from patchrec.train.parallel import (
     unwrap,
     wrap,
 )
+from patchrec.train.stage_inputs import (
+    added_token_ids,
+    history_items,
+    load_dataset,
+    load_stage_model,
+    persrec_options,
+    persrec_token_count,
+    random_subset,
+    resolve_device,
+    resolve_model_dir,
+    resolve_tokenizer,
+)
 
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Fields that may change between a run and its resumption without changing what is computed.
@@ -133,82 +133,6 @@ class TrainResult:
         return self.step_losses[max(self.step_losses)] if self.step_losses else float("nan")
 
 
-# ---- set-up ------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_dataset(config: TrainConfig) -> Dataset:
-    """The run's dataset: a release directory, or ``"synthetic"`` shaped by the ``synthetic_*`` fields."""
-    synthetic = SyntheticConfig(
-        num_users=config.synthetic_users, num_items=config.synthetic_items,
-        mean_length=config.synthetic_length, num_topics=config.synthetic_topics,
-        interests=config.synthetic_interests, long_term_share=config.synthetic_long_term_share,
-        seed=config.synthetic_seed,
-    )  # fmt: skip
-    return load_data(config.data, synthetic)
-
-
-def resolve_model_dir(init: str) -> Path | None:
-    """``init`` -> model directory or ``.gguf`` file, or None for a model preset (random init).
-
-    Accepts a ``.gguf`` file, a model / checkpoint directory (``config.json``) or a run directory (its
-    ``model/``, else its newest checkpoint), so a stage can start from the previous stage's ``--out``."""
-    if init in MODEL_PRESETS:
-        return None
-    path = Path(init)
-    if is_gguf(path):
-        if not path.is_file():
-            raise FileNotFoundError(f"init {init!r}: no such GGUF file")
-        return path
-    if (path / "config.json").is_file() or is_adapter_dir(path):
-        return path
-    if (path / "model" / "config.json").is_file() or is_adapter_dir(path / "model"):
-        return path / "model"
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    raise FileNotFoundError(
-        f"init {init!r} is neither a model preset {sorted(MODEL_PRESETS)}, a .gguf file, nor a directory "
-        "with config.json, model/config.json or checkpoints/"
-    )
-
-
-def resolve_tokenizer(config: TrainConfig, dataset: Dataset, model_dir: Path | None, out: Path) -> Path:
-    """The tokenizer: ``config.tokenizer``, else the init model's, else (random init only) a BPE trained on
-    the catalog titles and saved in ``out/tokenizer``."""
-    if config.tokenizer is not None:
-        path = Path(config.tokenizer)
-        if not (path.is_dir() or (is_gguf(path) and path.is_file())):
-            raise FileNotFoundError(f"tokenizer {path}: no such directory or .gguf file")
-        return path
-    if model_dir is not None:
-        if has_tokenizer(model_dir):
-            return model_dir
-        raise ValueError(f"init {model_dir} has no tokenizer files: pass --tokenizer")
-    trained = out / "tokenizer"
-    if not has_tokenizer(trained):
-        from patchrec.batching.tokenizer_train import train_title_tokenizer
-
-        prompt = [dataset.system_prompt, dataset.user_prompt]
-        # Written aside, then renamed: a run killed mid-write leaves no half tokenizer to resume with.
-        tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        train_title_tokenizer(dataset.titles, tmp, config.tokenizer_vocab, extra_texts=prompt)
-        shutil.rmtree(trained, ignore_errors=True)  # a directory without tokenizer files (nothing to keep)
-        os.replace(tmp, trained)
-    return trained
-
-
-def random_subset(samples: Samples, size: int, seed: int) -> Samples:
-    if size <= 0 or size >= len(samples):
-        return samples
-    index = np.sort(np.random.default_rng(seed).choice(len(samples), size, replace=False))
-    return samples.select(index)
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     # Different order and random plans every epoch, each a pure function of (seed, epoch).
     return seed + 7919 * epoch
@@ -218,16 +142,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def validate(
     model: PackedDecoder, tokens: TokenizedDataset, samples: Samples, planner: Planner, *,
     ctx: DistContext | None = None, mode: str | None = None, device: torch.device | None = None,
-) -> dict | None:  # fmt: skip
-    """HR/NDCG@10/20 on ``samples`` with exact ranking; None when ``patchrec.eval.evaluate`` is not installed.
+) -> dict[str, float]:  # fmt: skip
+    """HR/NDCG@10/20 on ``samples`` with exact ranking.
 
     Under torchrun every rank ranks a shard (a collective: all ranks call it); FSDP first gathers a full
     copy of the weights on every rank (evaluation runs a different number of forwards on each rank, which
     per-layer all-gathers would not survive)."""
-    try:
-        import patchrec.eval.evaluate  # noqa: F401
-    except ImportError:
-        return None
     ctx = ctx or DistContext()
     eval_model = gather_full_model(model, mode, device or torch.device("cpu"), all_ranks=True)
     eval_model.eval()
@@ -243,26 +163,6 @@ def validate(
 def val_planner(config: TrainConfig) -> Planner:
     return make_planner(evaluation_plan(config.stage, config.val_plan), k=config.k, g=config.g,
                         **persrec_options(config))  # fmt: skip
-
-
-def persrec_options(config: TrainConfig) -> dict[str, Any]:
-    """The persrec plan's options of a config (``make_planner`` keywords)."""
-    return {"segment": config.persrec_segment, "tokens": config.persrec_tokens, "old": config.persrec_old,
-            "layout": config.persrec_layout, "window": config.persrec_window, "recent": config.persrec_recent,
-            "unroll": config.persrec_unroll}
-
-
-def history_items(config: TrainConfig, dataset) -> int:
-    """Items of history a sample reads: ``max_items``, or the whole timeline for PerSRec's rolling layout
-    (its segments are fixed from each user's first interaction)."""
-    if config.stage == "persrec" and config.persrec_layout == "rolling":
-        return max(int(np.diff(dataset.user_offsets).max(initial=1)), 1)
-    return config.max_items
-
-
-def persrec_token_count(config: TrainConfig) -> int:
-    """PerSRec tokens the tokenisation needs: only the persrec stage adds them to the vocabulary."""
-    return config.persrec_tokens if config.stage == "persrec" else 0
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -365,41 +265,6 @@ def _epoch_order(num_samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_samples)
 
 
-def lora_settings(config: TrainConfig) -> LoraSettings:
-    """The LoRA settings of a config with ``lora_r`` > 0 (defaults: alpha 2 r, every projection, new rows)."""
-    return LoraSettings(
-        r=config.lora_r, alpha=config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_r,
-        targets=tuple(config.lora_targets or DEFAULT_TARGETS),
-        train_embeddings=config.train_embeddings or "new",
-    )  # fmt: skip
-
-
-def _load_model(config: TrainConfig, init_dir: Path | None, checkpoint: Path | None, vocab_size: int,
-                new_rows: list[int]) -> PackedDecoder:  # fmt: skip
-    """fp32 master weights whatever the checkpoint's dtype (a bf16 checkpoint trained in bf16 would round
-    away most updates at fine-tuning learning rates). A checkpoint of a LoRA run is an adapter directory
-    (base, adapter, embedding rows); a new LoRA run puts adapters on the init model (merged, if it is itself
-    an adapter directory) and records where that base comes from."""
-    if checkpoint is not None:
-        return load_model(checkpoint, vocab_size=vocab_size, dtype=torch.float32)
-    if init_dir is not None:
-        model = load_model(init_dir, vocab_size=vocab_size, dtype=torch.float32, merge=True)
-        base = {"path": str(Path(init_dir).resolve())}
-    else:
-        model = PackedDecoder.from_preset(config.init, vocab_size, seed=config.seed).float()
-        base = {"preset": config.init, "seed": config.seed}
-    if config.lora_r:
-        apply_lora(model, lora_settings(config), base=base, new_rows=new_rows)
-    return model
-
-
-def added_token_ids(tokenizer, tokens: TokenizedDataset) -> list[int]:
-    """The ids of the tokens patchrec adds: the history markers and the PerSRec tokens (LoRA's ``new``)."""
-    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(HISTORY_MARKERS))] + [
-        int(i) for i in tokens.persrec_ids
-    ]
-
-
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Run one stage (see the module docstring); ``resume`` resumes from the newest checkpoint of ``out``.
 
@@ -413,7 +278,47 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         return _train(config, resume, ctx, device)
 
 
-def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.device) -> TrainResult:
+@dataclass
+class _Stage:
+    """One stage as ``_prepare`` sets it up: what the step loop reads, and its position (updated)."""
+
+    config: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    out: Path
+    mode: str | None  # None (one process), "ddp" or "fsdp"
+    autocast: bool  # bf16 autocast (CUDA; FSDP computes in bf16 through its own policy instead)
+    tokenizer: Any
+    tokens: TokenizedDataset
+    samples: Samples  # the training samples
+    planner: Planner
+    model: torch.nn.Module  # wrapped for the mode
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    param_names: list[str]
+    total_steps: int
+    step: int  # optimizer steps done
+    val_samples: Samples | None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+
+@dataclass
+class _Rates:
+    """What the steps of this call processed, and their training time (validation and saving left out)."""
+
+    rows: int = 0
+    tokens: int = 0
+    sequences: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+
+def _prepare(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.device) -> _Stage:
+    """Checks, data, tokenizer, model, optimizer and schedule of a run, restored from the newest checkpoint
+    when resuming."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.dtype == "bf16" and device.type != "cuda":
@@ -421,25 +326,23 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
     # bf16 autocast with fp32 master weights on CUDA (the released runs train in bf16); CPU stays fp32.
     use_bf16 = device.type == "cuda" and config.dtype in ("auto", "bf16")
     mode = resolve_mode(config.parallel, ctx)
-    main = ctx.is_main
-
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resume_config(out, config)
-        if checkpoint is None and main:
+        if checkpoint is None and ctx.is_main:
             print(f"patchrec train: no checkpoint in {out}, starting from scratch", file=sys.stderr)
     ctx.barrier()  # every rank has read the run directory before rank 0 writes to it
     set_seed(config.seed)
     dataset = load_dataset(config)
     init_dir = resolve_model_dir(config.init)
-    if main:  # rank 0 trains the title BPE (when one is needed); the others then load it
+    if ctx.is_main:  # rank 0 trains the title BPE (when one is needed); the others then load it
         tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
     ctx.barrier()
-    if not main:
+    if not ctx.is_main:
         tok_dir = resolve_tokenizer(config, dataset, init_dir, out)
     tokenizer = load_tokenizer(tok_dir)
     tokens = tokenize_dataset(tokenizer, dataset, persrec_tokens=persrec_token_count(config))
-    if checkpoint is None and main:
+    if checkpoint is None and ctx.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)
         config.replace(tokenizer=str(tok_dir)).to_json(out / "train_config.json")
 
@@ -448,132 +351,147 @@ def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.de
     if len(train_samples) == 0:
         raise ValueError(f"data {config.data!r} has no training samples")
     planner = make_planner(config.stage, k=config.k, g=config.g, p=config.p, **persrec_options(config))
-    model = _load_model(config, init_dir, checkpoint, tokens.vocab_size, added_token_ids(tokenizer, tokens))
+    model = load_stage_model(config, init_dir, checkpoint, tokens.vocab_size,
+                             added_token_ids(tokenizer, tokens))  # fmt: skip
     model.to(device).train()
     # FSDP computes in bf16 through its MixedPrecisionPolicy, the other modes through autocast.
     model = wrap(model, mode, ctx, device, bf16=use_bf16)
-    autocast = use_bf16 and mode != "fsdp"
     total_steps = total_steps_of(config, len(train_samples))
-
     groups, param_names = param_groups(unwrap(model), config.weight_decay)
     optimizer = make_adamw(groups, lr=config.lr, impl=config.adamw)
-    from transformers import get_cosine_schedule_with_warmup
-
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
-    position = {"step": 0}
+    step = 0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         load_optimizer_state(model, optimizer, state["optimizer"], mode, param_names)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
-        position = {"step": int(state["position"]["step"])}
-        if main:
-            _trim_log(out / "log.jsonl", position["step"])
-
+        step = int(state["position"]["step"])
+        if ctx.is_main:
+            _trim_log(out / "log.jsonl", step)
     val_samples = None
     if config.val_every > 0:
         val_all = make_samples(dataset, "val", history_items(config, dataset))
         val_samples = random_subset(val_all, config.val_samples, config.seed + 1) if len(val_all) else None
+    return _Stage(config, ctx, device, out, mode, use_bf16 and mode != "fsdp", tokenizer, tokens,
+                  train_samples, planner, model, optimizer, scheduler, param_names, total_steps, step,
+                  val_samples)  # fmt: skip
 
-    result = TrainResult(out, None, position["step"], total_steps, rank=ctx.rank, world_size=ctx.world_size)
-    log_path = out / "log.jsonl"
-    info = {"world_size": ctx.world_size, "parallel": mode or "none"}
 
-    def save_step() -> None:
-        # FSDP gathers on every rank (collectives); rank 0 writes; the others wait until it is on disk.
-        plain = gather_full_model(model, mode, device, all_ranks=False)
-        optimizer_state = full_optimizer_state(model, optimizer, mode, param_names)
-        if main:
-            save_checkpoint(out, plain, tokenizer, optimizer_state, scheduler, position,
-                            config.keep_checkpoints, info)  # fmt: skip
-        ctx.barrier()
+def _optimizer_step(run: _Stage, work: StepShard, scale: float) -> tuple[float, float, float]:
+    """Forward and backward of this process's micro-batches, then one optimizer step: (the step's loss,
+    the gradient norm before clipping, the learning rate it used)."""
+    # Weight every answer token of the step equally: sum over micro-batches (and ranks) / all answer tokens
+    # of the step, so accumulation gives the gradient of one batch of all of them.
+    loss_sum = 0.0
+    last = len(work.batches) - 1
+    for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
+        batch = batch.to(run.device)
+        with accumulating(run.model, run.mode, sync=i == last):
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+                out_b = run.model(batch)
+            loss = out_b.label_loss.sum() / work.num_labels
+            # DDP / FSDP average gradients over ranks: scale by the world size to sum them; a filler
+            # (weight 0) only takes part in the collectives.
+            factor = scale * weight
+            (loss if factor == 1.0 else loss * factor).backward()
+        loss_sum += float(loss.detach()) * weight
+    if run.mode is not None:
+        loss_sum = run.ctx.all_reduce_sum([loss_sum])[0]
+    clip = run.config.grad_clip if run.config.grad_clip > 0 else float("inf")
+    grad_norm = clip_grad_norm(run.model, clip)
+    lr = run.scheduler.get_last_lr()[0]
+    kill_point("step")  # a no-op outside tests (see patchrec.train.checkpoint.KILL_ENV)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_sum, grad_norm, lr
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=position["step"], desc=f"train {config.stage}",
-               disable=not (config.progress and main), dynamic_ncols=True)
-    scale = loss_scale(mode, ctx)
-    rows_done = tokens_done = seqs_done = samples_done = 0
-    train_seconds = 0.0
+def _save_step(run: _Stage) -> None:
+    """A checkpoint of the current step. FSDP gathers on every rank (collectives); rank 0 writes; the
+    others wait until it is on disk."""
+    plain = gather_full_model(run.model, run.mode, run.device, all_ranks=False)
+    optimizer_state = full_optimizer_state(run.model, run.optimizer, run.mode, run.param_names)
+    if run.main:
+        info = {"world_size": run.ctx.world_size, "parallel": run.mode or "none"}
+        save_checkpoint(run.out, plain, run.tokenizer, optimizer_state, run.scheduler, {"step": run.step},
+                        run.config.keep_checkpoints, info)  # fmt: skip
+    run.ctx.barrier()
+
+
+def _validate_step(run: _Stage, result: TrainResult, bar) -> None:
+    planner = val_planner(run.config)
+    metrics = validate(run.model, run.tokens, run.val_samples, planner, ctx=run.ctx, mode=run.mode,
+                       device=run.device)  # fmt: skip
+    entry = {"step": run.step, "val_plan": planner.name, **metrics}
+    result.val_metrics.append(entry)
+    if run.main:
+        _log(run.out / "log.jsonl", entry)
+        bar.write(f"step {run.step} validation: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
+
+
+def _train(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.device) -> TrainResult:
+    run = _prepare(config, resume, ctx, device)
+    result = TrainResult(run.out, None, run.step, run.total_steps, rank=ctx.rank, world_size=ctx.world_size)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc=f"train {config.stage}",
+               disable=not (config.progress and run.main), dynamic_ncols=True)
+    scale = loss_scale(run.mode, ctx)
+    done = _Rates()
     halted = False
-    while position["step"] < total_steps:
+    while run.step < run.total_steps:
         step_start = time.perf_counter()  # packing included: it is part of the training cost
-        work = step_work(config, train_samples, planner, tokens, position["step"], total_steps, ctx, mode)
-        # Weight every answer token of the step equally: sum over micro-batches (and ranks) / all answer
-        # tokens of the step, so accumulation gives the gradient of one batch of all of them.
-        loss_sum = 0.0
-        last = len(work.batches) - 1
-        for i, (batch, weight) in enumerate(zip(work.batches, work.weights, strict=True)):
-            batch = batch.to(device)
-            with accumulating(model, mode, sync=i == last):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out_b = model(batch)
-                loss = out_b.label_loss.sum() / work.num_labels
-                # DDP / FSDP average gradients over ranks: scale by the world size to sum them; a filler
-                # (weight 0) only takes part in the collectives.
-                factor = scale * weight
-                (loss if factor == 1.0 else loss * factor).backward()
-            loss_sum += float(loss.detach()) * weight
-        if mode is not None:
-            loss_sum = ctx.all_reduce_sum([loss_sum])[0]
-        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(model, clip)
-        lr = scheduler.get_last_lr()[0]
-        kill_point("step")  # a no-op outside tests (see patchrec.train.checkpoint.KILL_ENV)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        position["step"] += 1
-        step = position["step"]
+        work = step_work(config, run.samples, run.planner, run.tokens, run.step, run.total_steps, ctx,
+                         run.mode)  # fmt: skip
+        loss_sum, grad_norm, lr = _optimizer_step(run, work, scale)
+        step = run.step
         result.step_losses[step] = loss_sum
-
-        rows, toks, seqs = work.rows, work.tokens, work.sequences
-        step_samples_n = seqs // planner.views
-        rows_done, tokens_done, seqs_done = rows_done + rows, tokens_done + toks, seqs_done + seqs
-        samples_done += step_samples_n
+        step_samples_n = work.sequences // run.planner.views
+        done.rows, done.tokens = done.rows + work.rows, done.tokens + work.tokens
+        done.sequences, done.samples = done.sequences + work.sequences, done.samples + step_samples_n
         step_s = max(time.perf_counter() - step_start, 1e-9)
         # Rates count training time only: validation and checkpoint writes are left out.
-        train_seconds += step_s
-        elapsed = train_seconds
+        done.seconds += step_s
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", rows_s=f"{rows / step_s:.0f}")
-        if main and (step % max(config.log_every, 1) == 0 or step == total_steps):
+        bar.set_postfix(loss=f"{loss_sum:.4f}", rows_s=f"{work.rows / step_s:.0f}")
+        if run.main and (step % max(config.log_every, 1) == 0 or step == run.total_steps):
             entry = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                     "samples": step_samples_n, "micro_batches": work.micro_batches, "rows": rows,
-                     "sequences": seqs, "rows_per_s": rows_done / elapsed,
-                     "tokens_per_s": tokens_done / elapsed, "train_s": elapsed}  # fmt: skip
-            if mode is not None:
+                     "samples": step_samples_n, "micro_batches": work.micro_batches, "rows": work.rows,
+                     "sequences": work.sequences, "rows_per_s": done.rows / done.seconds,
+                     "tokens_per_s": done.tokens / done.seconds, "train_s": done.seconds}  # fmt: skip
+            if run.mode is not None:
                 entry["rank_rows"] = work.rank_rows
-            _log(log_path, entry)
-        if val_samples is not None and step % config.val_every == 0:
-            metrics = validate(model, tokens, val_samples, val_planner(config), ctx=ctx, mode=mode,
-                               device=device)  # fmt: skip
-            if metrics is not None:
-                entry = {"step": step, "val_plan": val_planner(config).name, **metrics}
-                result.val_metrics.append(entry)
-                if main:
-                    _log(log_path, entry)
-                    bar.write(f"step {step} validation: " + "  ".join(
-                        f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("@10", "@20"))))
-        halted = bool(config.halt_after) and config.halt_after <= step < total_steps
+            _log(run.out / "log.jsonl", entry)
+        if run.val_samples is not None and step % config.val_every == 0:
+            _validate_step(run, result, bar)
+        halted = bool(config.halt_after) and config.halt_after <= step < run.total_steps
         if (config.save_every and step % config.save_every == 0) or halted:
-            save_step()
+            _save_step(run)
         if halted:
             break
     bar.close()
-    result.seconds = train_seconds
-    result.step = position["step"]
-    result.samples_trained = samples_done
-    if train_seconds > 0:
-        result.rows_per_s = rows_done / train_seconds
-        result.tokens_per_s = tokens_done / train_seconds
-        result.samples_per_s = seqs_done / train_seconds
-    if not halted:
-        result.model_dir = out / "model"
-        plain = gather_full_model(model, mode, device, all_ranks=False)
-        if main:
-            final = merge_lora(plain) if config.lora_r and config.save == "merged" else plain
-            save_model_dir(result.model_dir, final, tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
-        ctx.barrier()
+    _finish(run, result, done, halted)
     return result
+
+
+def _finish(run: _Stage, result: TrainResult, done: _Rates, halted: bool) -> None:
+    """The result's totals and rates; the final model (``out/model``) unless the run halted early."""
+    result.seconds = done.seconds
+    result.step = run.step
+    result.samples_trained = done.samples
+    if done.seconds > 0:
+        result.rows_per_s = done.rows / done.seconds
+        result.tokens_per_s = done.tokens / done.seconds
+        result.samples_per_s = done.sequences / done.seconds
+    if halted:
+        return
+    result.model_dir = run.out / "model"
+    plain = gather_full_model(run.model, run.mode, run.device, all_ranks=False)
+    if run.main:
+        config = run.config
+        final = merge_lora(plain) if config.lora_r and config.save == "merged" else plain
+        save_model_dir(result.model_dir, final, run.tokenizer, dtype=SAVE_DTYPES[config.save_dtype])
+    run.ctx.barrier()

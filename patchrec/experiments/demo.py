@@ -20,12 +20,30 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
-from patchrec.train.config import TrainConfig
+from patchrec.baselines.popularity import Popularity
+from patchrec.batching.plan import make_planner
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
+from patchrec.data.dataset import Dataset, Samples
+from patchrec.data.synthetic import item_topics, make_synthetic
+from patchrec.eval.metrics import rank_samples, ranking_metrics
+from patchrec.experiments.stages import (
+    HistoryCost,
+    catalog_backbone,
+    combined_rates,
+    evaluate_trained,
+    ranked_test_samples,
+    ranks_list,
+    small_stage,
+    write_workspace,
+)
+from patchrec.train.loop import TrainResult, train
+
+KS = (10, 20)
 
 
 @dataclass
@@ -83,38 +101,26 @@ class DemoRow:
     samples_per_s: float | None = None  # training: sequences per second
     train_seconds: float | None = None
     history_rows: float | None = None  # mean history rows per test sample after compression
+    ranks: list[int] | None = None  # 0-based rank of each test sample's target (results.json: ranked_samples)
 
 
-def _synthetic(demo: DemoConfig):
-    from patchrec.data.synthetic import make_synthetic
-
+def synthetic_dataset(demo: DemoConfig) -> Dataset:
+    """The demo's synthetic dataset (``patchrec.data.synthetic`` with the demo's generator options)."""
     return make_synthetic(demo.users, demo.items, demo.mean_length, seed=demo.seed, num_topics=demo.topics,
                           interests=demo.interests, long_term_share=demo.long_term_share,
                           drift_length=demo.drift_length)
 
 
-def _stage(demo: DemoConfig, stage: str, out: Path, init: str, steps: int, progress: bool,
-           max_items: int | None = None) -> Any:
-    from patchrec.train.loop import train
-
-    # Every stage reads the demo's dataset from the release directory run_demo wrote (out.parent / "data"):
-    # the same users, items and splits as the ranking, whatever generator options the demo uses.
-    config = TrainConfig(
-        stage=stage, k=demo.k, init=init, data=str(out.parent / "data"),
-        tokenizer=None if demo.backbone else str(out.parent / "tokenizer"),
-        max_items=max_items or demo.max_items,
-        train_samples=demo.train_samples, out=str(out), lr=demo.lr, weight_decay=0.01, warmup_ratio=0.05,
-        grad_clip=1.0, max_steps=steps, batch_size=demo.batch_size, max_rows=demo.max_rows, seed=demo.seed,
-        log_every=5, progress=progress,
-    )  # fmt: skip
-    return train(config)
-
-
-def _combine(results: list[Any]) -> tuple[float, float, float]:
-    seconds = sum(r.seconds for r in results)
-    rows = sum(r.rows_per_s * r.seconds for r in results)
-    seqs = sum(r.samples_per_s * r.seconds for r in results)
-    return rows / seconds, seqs / seconds, seconds
+def _stage(demo: DemoConfig, work: Path, name: str, stage: str, init: str, steps: int, progress: bool,
+           max_items: int | None = None) -> TrainResult:  # fmt: skip
+    # Every stage reads the demo's dataset from the release directory run_demo wrote (work / "data"): the
+    # same users, items and splits as the ranking, whatever generator options the demo uses.
+    return train(small_stage(
+        work, work / name, stage=stage, k=demo.k, init=init,
+        tokenizer=None if demo.backbone else str(work / "tokenizer"), max_items=max_items or demo.max_items,
+        train_samples=demo.train_samples, lr=demo.lr, steps=steps, batch_size=demo.batch_size,
+        max_rows=demo.max_rows, seed=demo.seed, log_every=5, progress=progress,
+    ))  # fmt: skip
 
 
 def topic_count_scorer(samples, topic_of_item: np.ndarray, counts: np.ndarray, last: int | None = None):
@@ -138,81 +144,70 @@ def topic_count_scorer(samples, topic_of_item: np.ndarray, counts: np.ndarray, l
     return score
 
 
-def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], int]:
-    """Train and evaluate everything under ``out``; returns the table rows (also written to results.json)
-    and the number of test samples ranked."""
-    from patchrec.baselines.popularity import Popularity
-    from patchrec.batching.pack import history_token_counts
-    from patchrec.batching.plan import make_planner
-    from patchrec.batching.tokenizer_train import train_title_tokenizer
-    from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
-    from patchrec.data.dataset import make_samples
-    from patchrec.data.release import write_release
-    from patchrec.data.synthetic import item_topics
-    from patchrec.eval.evaluate import evaluate
-    from patchrec.eval.metrics import rank_samples, ranking_metrics
-    from patchrec.model.decoder import PackedDecoder
-    from patchrec.train.catalog_pretrain import CatalogTextConfig, train_catalog_text
-    from patchrec.train.loop import random_subset
+def _count_rows(demo: DemoConfig, dataset: Dataset, test: Samples,
+                topic_of_item: np.ndarray) -> list[DemoRow]:  # fmt: skip
+    """Popularity, and the topic-count oracle with the full and the short history."""
+    popularity = Popularity.fit(dataset)
+    ranks = rank_samples(popularity.scorer(test), test)
+    rows = [DemoRow("popularity", ranking_metrics(ranks, KS), ranks=ranks_list(ranks))]
+    n = demo.short_items
+    for name, last in ((f"topic oracle, L={demo.max_items}", None), (f"topic oracle, last {n}", n)):
+        scorer = topic_count_scorer(test, topic_of_item, np.asarray(popularity.counts), last)
+        ranks = rank_samples(scorer, test)
+        rows.append(DemoRow(name, ranking_metrics(ranks, KS), ranks=ranks_list(ranks)))
+    return rows
 
+
+def _llm_row(name: str, plan: str, demo: DemoConfig, results: list[TrainResult], tokens, samples: Samples,
+             progress: bool) -> DemoRow:  # fmt: skip
+    """One LLM row: the last stage's model ranked exactly, its history cost and its stages' training rates."""
+    planner = make_planner(plan, k=demo.k)
+    result = evaluate_trained(results[-1].model_dir, tokens, samples, planner, ks=KS, progress=progress)
+    cost = HistoryCost.of(samples, planner, tokens)
+    rows_s, seqs_s, seconds = combined_rates(results)
+    return DemoRow(name, result.metrics, cost.compression(), rows_s, seqs_s, seconds,
+                   float(np.mean(cost.after)), ranks_list(result.ranks))  # fmt: skip
+
+
+def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[list[DemoRow], int]:
+    """Train and evaluate everything under ``out``; returns the table rows (also written to results.json,
+    with every row's per-sample ranks and the test samples they rank) and the number of test samples."""
     half = round(demo.steps * demo.pretrain_share)
     if not 0 < half < demo.steps:  # a stage of 0 steps would mean one epoch (TrainConfig.max_steps = 0)
         raise ValueError(f"pretrain_share {demo.pretrain_share} of {demo.steps} steps leaves a stage empty")
     out.mkdir(parents=True, exist_ok=True)
-    dataset = _synthetic(demo)
-    write_release(dataset, out / "data", overwrite=True)
+    dataset = synthetic_dataset(demo)
+    write_workspace(dataset, out, None if demo.backbone else demo.tokenizer_vocab)
     topic_of_item = item_topics(demo.items, demo.topics, demo.seed)
-    if demo.backbone:
-        tokens = tokenize_dataset(load_tokenizer(demo.backbone), dataset)
-    else:
-        train_title_tokenizer(dataset.titles, out / "tokenizer", demo.tokenizer_vocab,
-                              extra_texts=[dataset.system_prompt, dataset.user_prompt])
-        tokens = tokenize_dataset(load_tokenizer(out / "tokenizer"), dataset)
-    test = random_subset(make_samples(dataset, "test", demo.max_items), demo.test_samples, demo.seed + 2)
-    ks = (10, 20)
-
-    popularity = Popularity.fit(dataset)
-    rows = [DemoRow("popularity", ranking_metrics(rank_samples(popularity.scorer(test), test), ks))]
-    n = demo.short_items
-    for name, last in ((f"topic oracle, L={demo.max_items}", None), (f"topic oracle, last {n}", n)):
-        scorer = topic_count_scorer(test, topic_of_item, np.asarray(popularity.counts), last)
-        rows.append(DemoRow(name, ranking_metrics(rank_samples(scorer, test), ks)))
+    tokens = tokenize_dataset(load_tokenizer(demo.backbone or out / "tokenizer"), dataset)
+    ranked = ranked_test_samples(dataset, demo.max_items, demo.test_samples, demo.seed)
+    test = ranked.samples
+    rows = _count_rows(demo, dataset, test, topic_of_item)
 
     # Every recommender starts from the same backbone and takes the same optimizer steps of batch_size
     # samples.
     backbone, catalog_seconds = demo.backbone or "tiny", None
     if demo.catalog_steps > 0 and not demo.backbone:
-        catalog = train_catalog_text(
-            dataset.titles, topic_of_item, out / "tokenizer", out / "catalog", preset="tiny",
-            config=CatalogTextConfig(steps=demo.catalog_steps, batch_size=32, lr=demo.lr, seed=demo.seed))
+        catalog = catalog_backbone(dataset, topic_of_item, out, steps=demo.catalog_steps, lr=demo.lr,
+                                   seed=demo.seed)  # fmt: skip
         backbone, catalog_seconds = str(catalog.model_dir), catalog.seconds
-    vanilla = _stage(demo, "vanilla", out / "vanilla", backbone, demo.steps, progress)
-    stage1 = _stage(demo, "pretrain", out / "pretrain", backbone, half, progress)
-    stage2 = _stage(demo, "pft-i", out / "pft-i", str(out / "pretrain"), demo.steps - half, progress)
-    short = _stage(demo, "vanilla", out / "vanilla-short", backbone, demo.steps, progress, demo.short_items)
+    vanilla = _stage(demo, out, "vanilla", "vanilla", backbone, demo.steps, progress)
+    stage1 = _stage(demo, out, "pretrain", "pretrain", backbone, half, progress)
+    stage2 = _stage(demo, out, "pft-i", "pft-i", str(out / "pretrain"), demo.steps - half, progress)
+    short = _stage(demo, out, "vanilla-short", "vanilla", backbone, demo.steps, progress, demo.short_items)
     short_start = np.maximum(test.hist_start, test.target_index - demo.short_items)
     short_test = dataclasses.replace(test, max_items=demo.short_items, _lengths=None, hist_start=short_start)
-
     for name, plan, results, samples in (
         ("vanilla SFT", "vanilla", [vanilla], test),
         (f"pretrain -> PFT-I (k={demo.k})", "pft-i", [stage1, stage2], test),
         (f"vanilla SFT, last {demo.short_items}", "vanilla", [short], short_test),
     ):
-        planner = make_planner(plan, k=demo.k)
-        model = PackedDecoder.from_pretrained(results[-1].model_dir)
-        result = evaluate(model, tokens, samples, planner=planner, ranking="exact", ks=ks, progress=progress)
-        before, after = history_token_counts(samples, planner, tokens)
-        keep = after > 0
-        compression = float(np.mean(before[keep] / after[keep])) if keep.any() else 1.0
-        rows_s, seqs_s, seconds = _combine(results)
-        row = DemoRow(name, result.metrics, compression, rows_s, seqs_s, seconds)
-        row.history_rows = float(np.mean(after))
-        rows.append(row)
+        rows.append(_llm_row(name, plan, demo, results, tokens, samples, progress))
 
     summary = {"config": dataclasses.asdict(demo), "test_samples": len(test), "ranking": "exact",
                "mask_history": False, "optimizer_steps": demo.steps, "samples_per_step": demo.batch_size,
-               "catalog_text_seconds": catalog_seconds,
-               "rows": [dataclasses.asdict(r) for r in rows]}
+               "catalog_text_seconds": catalog_seconds, "ks": list(KS), "ranked_samples": ranked.record(),
+               "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return rows, len(test)
 
@@ -250,8 +245,6 @@ def main(
         # On a busy 2-core machine one OpenMP thread is far steadier than two (measured 1 s vs up to 25 s).
         torch.set_num_threads(threads)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     start = time.perf_counter()
     try:

@@ -25,6 +25,7 @@ from patchrec.batching.pack import PLAN_CHUNK, Packer
 from patchrec.batching.plan import Planner
 from patchrec.batching.tokens import TokenizedDataset
 from patchrec.data.dataset import Samples
+from patchrec.model.backbone import causal_lm_class, check_architecture, read_config
 
 # fp32 weights (4 bytes) + AdamW's two fp32 moments (8 bytes) per parameter: what a checkpoint holds.
 CHECKPOINT_BYTES_PER_PARAM = 12
@@ -50,8 +51,6 @@ class ModelSize:
 def model_size(backbone: str | Path, vocab_size: int) -> ModelSize:
     """Parameter counts of ``backbone`` (HF directory or .gguf) resized to ``vocab_size``, from its config
     alone: the model of its family is built on the meta device, no weights are read."""
-    from patchrec.model.backbone import causal_lm_class, check_architecture, read_config
-
     config = copy.deepcopy(read_config(backbone))
     check_architecture(config, backbone)
     config.vocab_size = vocab_size
@@ -97,10 +96,10 @@ def _plan_rows(samples: Samples, ids: np.ndarray, planner: Planner, tokens: Toke
         chunk = ids[lo : lo + PLAN_CHUNK]
         s = packer.plan_slots(samples, chunk, planner, rng, rng.random(len(chunk)))
         part = slice(lo, lo + len(chunk))
-        rows[part] = s["rows"].reshape(-1, views).sum(axis=1)
-        lab = (s["ntok"][:, -1] + 1) if answer else np.zeros(len(s["rows"]), dtype=np.int64)
+        rows[part] = s.rows.reshape(-1, views).sum(axis=1)
+        lab = (s.ntok[:, -1] + 1) if answer else np.zeros(len(s), dtype=np.int64)
         labels[part] = lab.reshape(-1, views).sum(axis=1)
-        after[part] = s["after"].reshape(-1, views)[:, -1]
+        after[part] = s.after.reshape(-1, views)[:, -1]
     return rows, labels, after
 
 

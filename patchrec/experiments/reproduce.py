@@ -1,5 +1,5 @@
-"""``patchrec reproduce``: the paper's experiments on one backbone (``patchrec.reproduce_settings`` says what
-each experiment trains and evaluates).
+"""``patchrec reproduce``: the paper's experiments on one backbone (what each experiment trains and evaluates:
+``patchrec.experiments.reproduce_settings``).
 
 Every LLM stage of a run trains on the same samples with the same samples per optimizer step and the same
 number of steps; every LLM row is ranked with the authors' beam protocol (and exactly where the scale affords
@@ -33,10 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import set_seed
 
+from patchrec.baselines.gru4rec import GRU4Rec
+from patchrec.baselines.popularity import Popularity
+from patchrec.baselines.run import DEFAULT_LR
+from patchrec.baselines.sasrec import SASRec, SASRecConfig
+from patchrec.baselines.train import TrainConfig as IDTrainConfig
+from patchrec.baselines.train import evaluate as evaluate_baseline
+from patchrec.baselines.train import fit
 from patchrec.batching.pack import history_token_counts
 from patchrec.batching.plan import make_planner
-from patchrec.reproduce_estimate import (
+from patchrec.batching.stats import nominal_ratio
+from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
+from patchrec.data.dataset import make_samples
+from patchrec.data.source import load_data
+from patchrec.eval.evaluate import evaluate
+from patchrec.eval.metrics import rank_samples, write_results
+from patchrec.experiments.reproduce_estimate import (
     ModelSize,
     Throughput,
     checkpoint_plan,
@@ -48,7 +63,8 @@ from patchrec.reproduce_estimate import (
     save_every,
     stage_cost,
 )
-from patchrec.reproduce_settings import (  # noqa: F401  (Scale, SCALES, released: part of this API)
+from patchrec.experiments.reproduce_report import dry_run_table, plot_summary, summary_table
+from patchrec.experiments.reproduce_settings import (  # noqa: F401  (Scale, SCALES, released: part of this API)
     BASELINES,
     SCALES,
     RowSpec,
@@ -59,6 +75,10 @@ from patchrec.reproduce_settings import (  # noqa: F401  (Scale, SCALES, release
     released,
     resolve_preset,
 )
+from patchrec.experiments.stages import load_trained, ranked_test_samples
+from patchrec.train.config import TrainConfig
+from patchrec.train.loop import train
+from patchrec.train.stage_inputs import random_subset, resolve_device
 
 EVAL_DTYPES = {"auto": None, "bf16": "bfloat16", "fp32": "float32"}
 KEEP_CHECKPOINTS = 2
@@ -109,9 +129,6 @@ class Reproduction:
                  protocol: str = "authors", eval_dtype: str = "auto", device: str = "auto",
                  authors_code: bool = False, checkpoints_per_stage: int = 10, exact: bool | None = None,
                  progress: bool = True, seed: int = 0):  # fmt: skip
-        from patchrec.data.source import load_data
-        from patchrec.train.loop import resolve_device
-
         if isinstance(scale, Scale):
             self.scale, scale = scale, "custom"
         elif scale in SCALES:
@@ -160,8 +177,6 @@ class Reproduction:
         return max_items or int(np.diff(self.dataset.user_offsets).max(initial=1))
 
     def num_train(self) -> int:
-        from patchrec.data.dataset import make_samples
-
         n = len(make_samples(self.dataset, "train", 1))  # the count does not depend on L
         return min(n, self.scale.train_samples) if self.scale.train_samples else n
 
@@ -177,9 +192,7 @@ class Reproduction:
         return self._size
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def stage_config(self, stage: str):
-        from patchrec.train.config import TrainConfig
-
+    def stage_config(self, stage: str) -> TrainConfig:
         spec = self.stages[stage]
         rel = released(self.preset, spec.plan)
         init = self.backbone if spec.init is None else str(self.out / "stages" / spec.init)
@@ -198,8 +211,6 @@ class Reproduction:
         )  # fmt: skip
 
     def train_stage(self, stage: str) -> dict[str, Any]:
-        from patchrec.train.loop import train
-
         root = self.out / "stages" / stage
         done = _json(root / "stage.json")
         if done is not None:
@@ -220,25 +231,15 @@ class Reproduction:
 
     def test_samples(self, max_items: int):
         """The seeded test subset at history length ``max_items`` (the same targets at every L)."""
-        from patchrec.data.dataset import make_samples
-        from patchrec.train.loop import random_subset
-
         L = self.length(max_items)
         if L not in self._tests:
-            test = make_samples(self.dataset, "test", L)
-            self._tests[L] = random_subset(test, self.scale.test_samples, self.seed + 2)
+            self._tests[L] = ranked_test_samples(self.dataset, L, self.scale.test_samples, self.seed).samples
         return self._tests[L]
 
     def planner(self, row: RowSpec):
         return make_planner(row.plan, k=row.k, g=row.g)
 
     def evaluate_row(self, row: RowSpec, tokens) -> dict[str, Any]:
-        import torch
-
-        from patchrec.eval.evaluate import evaluate
-        from patchrec.eval.metrics import write_results
-        from patchrec.model.decoder import PackedDecoder
-
         planner, test = self.planner(row), self.test_samples(row.max_items)
         rankings = ("beam", "exact") if self.scale.exact else ("beam",)
         results = {}
@@ -250,9 +251,8 @@ class Reproduction:
                 continue
             if model is None:
                 source = self.backbone if row.stage is None else self.out / "stages" / row.stage / "model"
-                model = PackedDecoder.from_pretrained(source, vocab_size=tokens.vocab_size,
-                                                      dtype=getattr(torch, self.eval_dtype))  # fmt: skip
-                model.to(self.eval_device)
+                model = load_trained(source, vocab_size=tokens.vocab_size,
+                                     dtype=getattr(torch, self.eval_dtype), device=self.eval_device)
             res = evaluate(model, tokens, test, planner=planner, ranking=ranking, ks=(10, 20),
                            max_rows=self.scale.max_rows, progress=self.progress,
                            **({"protocol": self.protocol} if ranking == "beam" else {}))  # fmt: skip
@@ -266,14 +266,6 @@ class Reproduction:
         return results
 
     def baseline(self, name: str, test) -> dict[str, Any]:
-        from transformers import set_seed
-
-        from patchrec.baselines import GRU4Rec, Popularity, SASRec, SASRecConfig
-        from patchrec.baselines import TrainConfig as IDTrainConfig
-        from patchrec.baselines.train import evaluate, fit
-        from patchrec.commands.baseline import DEFAULT_LR
-        from patchrec.eval.metrics import rank_samples, write_results
-
         path = self.out / "baselines" / f"{name}.json"
         if path.is_file():
             return _json(path)
@@ -289,7 +281,7 @@ class Reproduction:
             config = IDTrainConfig(seed=self.seed, lr=DEFAULT_LR[name], epochs=self.scale.baseline_epochs,
                                    max_minutes=self.scale.baseline_minutes)  # fmt: skip
             fitted = fit(model, self.dataset, config, max_len=L, progress=self.progress)
-            ranks = evaluate(model, test)
+            ranks = evaluate_baseline(model, test)
             extra = {"training": dataclasses.asdict(fitted)}
         extra["seconds"] = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,8 +290,6 @@ class Reproduction:
                              ks=(10, 20), extra=extra)  # fmt: skip
 
     def tokens(self):
-        from patchrec.batching.tokens import load_tokenizer, tokenize_dataset
-
         return tokenize_dataset(load_tokenizer(self.backbone), self.dataset)
 
     def cost_curve(self, tokens) -> list[dict[str, Any]]:
@@ -324,8 +314,6 @@ class Reproduction:
         (self.out / "reproduce_config.json").write_text(json.dumps(record, indent=1) + "\n")
 
     def run(self) -> list[RowResult]:
-        from patchrec.stats import nominal_ratio
-
         self.write_config()
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         # Weights and checkpoints are GBs: the rest of the directory (logs, configs, results) is the record
@@ -380,8 +368,6 @@ class Reproduction:
         return [*self.chain(init), stage]
 
     def write_summary(self, rows: list[RowResult], curve: list[dict[str, Any]] | None) -> None:
-        from patchrec.reproduce_report import plot_summary, summary_table
-
         summary = {"settings": {**self.record, "preset_source": self.preset_source},
                    "experiments": list(self.experiments),
                    "test_samples": len(self.test_samples(self.scale.max_items)), "mask_history": False,
@@ -395,9 +381,6 @@ class Reproduction:
     # ---- the dry run -----------------------------------------------------------------------------------
     def stage_estimate(self, name: str, tokens, size: ModelSize) -> dict[str, Any]:
         """One stage of the dry run: its settings, samples, steps, estimated positions and checkpoints."""
-        from patchrec.data.dataset import make_samples
-        from patchrec.train.loop import random_subset
-
         spec, config = self.stages[name], self.stage_config(name)
         train = random_subset(make_samples(self.dataset, "train", config.max_items), config.train_samples,
                               config.seed)  # fmt: skip
@@ -415,9 +398,8 @@ class Reproduction:
 
     def dry_run(self, throughput: Throughput | None = None) -> dict[str, Any]:
         """Every stage and row of the run with its samples, steps and estimated positions, FLOPs and GPU
-        hours (``patchrec.reproduce_estimate``); nothing is trained or evaluated. Writes dry_run.json/.md."""
-        from patchrec.reproduce_report import dry_run_table
-
+        hours (``patchrec.experiments.reproduce_estimate``); nothing is trained or evaluated. Writes
+        dry_run.json/.md."""
         throughput = throughput or Throughput()
         tokens = self.tokens()
         size = self.size(tokens)
