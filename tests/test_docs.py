@@ -94,7 +94,7 @@ def test_python_examples_run(page, index, code):
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_no_page_refers_to_developer_notes(page):
     text = page.read_text()
-    for word in ("docs/method.md", "DESIGN.md", "shared/docs"):
+    for word in ("METHOD.md", "DESIGN.md", "shared/docs"):
         assert word not in text, f"{page.name} mentions {word}, which users do not have"
 
 

@@ -36,6 +36,7 @@ from patchrec.experiments.stages import (
     catalog_backbone,
     combined_rates,
     evaluate_trained,
+    invocation,
     ranked_test_samples,
     ranks_list,
     small_stage,
@@ -204,8 +205,9 @@ def run_demo(demo: DemoConfig, out: Path, *, progress: bool = True) -> tuple[lis
     ):
         rows.append(_llm_row(name, plan, demo, results, tokens, samples, progress))
 
-    summary = {"config": dataclasses.asdict(demo), "test_samples": len(test), "ranking": "exact",
-               "mask_history": False, "optimizer_steps": demo.steps, "samples_per_step": demo.batch_size,
+    summary = {"command": invocation(), "config": dataclasses.asdict(demo), "test_samples": len(test),
+               "ranking": "exact", "mask_history": False, "optimizer_steps": demo.steps,
+               "samples_per_step": demo.batch_size,
                "catalog_text_seconds": catalog_seconds, "ks": list(KS), "ranked_samples": ranked.record(),
                "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -75,7 +75,7 @@ from patchrec.experiments.reproduce_settings import (  # noqa: F401  (Scale, SCA
     released,
     resolve_preset,
 )
-from patchrec.experiments.stages import load_trained, ranked_test_samples
+from patchrec.experiments.stages import invocation, load_trained, ranked_test_samples
 from patchrec.train.config import TrainConfig
 from patchrec.train.loop import train
 from patchrec.train.stage_inputs import random_subset, resolve_device
@@ -368,7 +368,7 @@ class Reproduction:
         return [*self.chain(init), stage]
 
     def write_summary(self, rows: list[RowResult], curve: list[dict[str, Any]] | None) -> None:
-        summary = {"settings": {**self.record, "preset_source": self.preset_source},
+        summary = {"command": invocation(), "settings": {**self.record, "preset_source": self.preset_source},
                    "experiments": list(self.experiments),
                    "test_samples": len(self.test_samples(self.scale.max_items)), "mask_history": False,
                    "llm_ranking": f"beam ({self.protocol} protocol)",
@@ -416,7 +416,7 @@ class Reproduction:
             rows.append({"row": row.name, "label": row.label, "experiment": row.experiment,
                          "model": row.stage or "backbone", "plan": row.plan,
                          "length": length_name(row.max_items), **cost})  # fmt: skip
-        out = {"settings": {**self.record, "preset_source": self.preset_source},
+        out = {"command": invocation(), "settings": {**self.record, "preset_source": self.preset_source},
                "experiments": list(self.experiments), "dataset": self.dataset.name,
                "model": {**dataclasses.asdict(size), "checkpoint_gb": size.checkpoint_bytes / 1e9,
                          "model_gb": size.model_bytes / 1e9},

@@ -9,6 +9,8 @@ Used by ``patchrec.experiments.demo``, ``patchrec.experiments.reproduce`` and th
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,14 @@ def ranks_list(ranks: np.ndarray) -> list[int]:
     return [int(r) for r in np.asarray(ranks)]
 
 
+def invocation() -> str:
+    """The command line that is running, as a user would type it (``patchrec ...`` for the console script
+    and ``python -m patchrec``), recorded with the results."""
+    program = Path(sys.argv[0]).name
+    program = "patchrec" if program in ("__main__.py", "patchrec") else f"python {sys.argv[0]}"
+    return shlex.join([program, *sys.argv[1:]])
+
+
 __all__ = ["TEST_SEED_OFFSET", "HistoryCost", "RankedSamples", "catalog_backbone", "combined_rates",
-           "evaluate_trained", "load_trained", "ranked_test_samples", "ranks_list", "small_stage",
-           "write_workspace"]
+           "evaluate_trained", "invocation", "load_trained", "ranked_test_samples", "ranks_list",
+           "small_stage", "write_workspace"]

@@ -57,10 +57,13 @@ def persrec_id_summary(runs: Path, models, variants, seeds) -> dict:
 
 
 def persrec_id_table(summary: dict) -> str:
-    lines = ["| model | variant | history items | " + " | ".join(METRICS) + " | best epoch per seed |",
+    last = " | best epoch / epochs per seed |"
+    lines = ["| model | variant | history items | " + " | ".join(METRICS) + last,
              "|---|---|---|" + "---|" * len(METRICS) + "---|"]  # fmt: skip
     for r in summary["rows"]:
-        cells = " | ".join(f"{r[m]:.4f} ± {r[m + '_sd']:.4f}" for m in METRICS)
+        # the ± is the spread over seeds; with one seed there is none to show
+        spread = len(r["seeds"]) > 1
+        cells = " | ".join(f"{r[m]:.4f}" + (f" ± {r[m + '_sd']:.4f}" if spread else "") for m in METRICS)
         best = ", ".join(f"{b}/{e}" for b, e in zip(r["best_epochs"], r["epochs"], strict=True))
         lines.append(f"| {r['model']} | {r['variant']} | {r['history_items']} | {cells} | {best} |")
     return "\n".join(lines) + "\n"

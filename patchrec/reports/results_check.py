@@ -34,6 +34,14 @@ from patchrec.reports.persrec_tables import (
     staleness_rows,
     staleness_table,
 )
+from patchrec.reports.recorded_tables import (
+    bench_report,
+    benchmark_command,
+    benchmark_table,
+    demo_tables,
+    dry_runs,
+    reproduce_summary,
+)
 from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
 
 RESULTS_DIR = Path("benches") / "results"
@@ -90,9 +98,46 @@ def _serve_command(path: Path) -> str | None:
     return _json(path / "serve.json").get("command") if (path / "serve.json").is_file() else None
 
 
+def _file_command(name: str) -> Callable[[Path], str | None]:
+    return lambda path: _json(path / name).get("command") if (path / name).is_file() else None
+
+
+def _benchmark(path: Path) -> dict[str, str]:
+    return {"table": benchmark_table(path)}
+
+
+def _bench_report(path: Path) -> dict[str, str]:
+    return {"report": bench_report(path, path.parent / "cpu.json")}
+
+
+def _reproduce(path: Path) -> dict[str, str]:
+    return {"summary": reproduce_summary(path)}
+
+
+def _dry_runs(path: Path) -> dict[str, str]:
+    return dry_runs(path)
+
+
+def _demo(path: Path) -> dict[str, str]:
+    blocks = demo_tables(path / "results.json")
+    return blocks | {"summary": blocks["table"] + "\n" + blocks["pairs"]}
+
+
+# pytest-benchmark JSON files: the table of each recomputed from its per-round times
+BENCHMARK_FILES = ("cpu.json", "distributed-cpu.json", "distributed-cpu-rerun.json", "lora-smollm2-cpu.json")
+
 RESULTS: dict[str, Result] = {
     r.name: r
     for r in (
+        *(Result(name, _benchmark, {}, benchmark_command) for name in BENCHMARK_FILES),
+        Result("cpu-report", _bench_report, {"report.md": "report"},
+               lambda path: benchmark_command(path.parent / "cpu.json")),  # fmt: skip
+        Result("reproduce-ml-100k-smollm2-cpu", _reproduce, {"summary.md": "summary"},
+               _file_command("summary.json")),  # fmt: skip
+        Result("reproduce-dry-run", _dry_runs,
+               {f"{d}/dry_run.md": d for d in ("goodreads", "ml-100k", "ml-1m")},
+               lambda path: _json(path / "ml-1m" / "dry_run.json").get("command")),  # fmt: skip
+        Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
         Result("persrec-horizon-ml1m", _horizon, {"summary.md": "table"}, _summary_command),

@@ -1,0 +1,132 @@
+"""Tables of the other committed results recomputed from their raw files: pytest-benchmark JSON (per-round
+times), ``patchrec bench report`` directories, ``patchrec reproduce`` runs (per-sample ranks of every row)
+and dry runs, and the LLM PerSRec demo (per-sample ranks). Each function raises ``ValueError`` naming the
+file when a stored figure differs from its recomputation; ``patchrec.reports.results_check`` registers
+them."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from patchrec.eval.metrics import ranking_metrics
+from patchrec.eval.paired import paired_difference, per_sample
+from patchrec.experiments.reproduce_report import dry_run_table, summary_table
+from patchrec.reports.bench_report import write_report
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def benchmark_table(path: Path) -> str:
+    """One row per benchmark of a pytest-benchmark JSON: rounds, min and median seconds, recomputed from its
+    per-round times (``stats.data``) and checked against the stored statistics."""
+    lines = ["| benchmark | rounds | min (s) | median (s) |", "|---|---:|---:|---:|"]
+    for bench in _json(path)["benchmarks"]:
+        stats = bench["stats"]
+        data = stats.get("data")
+        if not data:
+            raise ValueError(f"{path}: {bench['fullname']} has no per-round times (stats.data)")
+        low, mid = float(np.min(data)), float(np.median(data))
+        if len(data) != stats["rounds"] or not _close(low, stats["min"]) or not _close(mid, stats["median"]):
+            raise ValueError(f"{path}: {bench['fullname']}: stored rounds / min / median differ from its "
+                             "per-round times")  # fmt: skip
+        lines.append(f"| `{bench['name']}` | {len(data)} | {low:.4g} | {mid:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_command(path: Path) -> str | None:
+    """The command a pytest-benchmark JSON records (``benches/conftest.py`` writes it into machine_info)."""
+    raw = _json(path)
+    return raw.get("command") or raw.get("machine_info", {}).get("command")
+
+
+def bench_report(path: Path, source: Path) -> str:
+    """``report.md`` of ``patchrec bench report SOURCE`` regenerated (plots into a temporary directory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / source.name  # the report names its source by file stem, not by directory
+        copy.write_text(source.read_text())
+        return write_report([copy], Path(tmp) / "report").read_text()
+
+
+def checked_ranks(path: Path) -> dict[str, float]:
+    """The metrics of an evaluation's results file recomputed from its per-sample ranks; ValueError when
+    the stored ones differ."""
+    raw = _json(path)
+    if "ranks" not in raw:
+        raise ValueError(f"{path}: no per-sample ranks")
+    metrics = ranking_metrics(np.asarray(raw["ranks"]), raw["ks"])
+    for name, value in metrics.items():
+        if not _close(value, raw["metrics"][name]):
+            raise ValueError(f"{path}: {name} {raw['metrics'][name]} != {value} from its ranks")
+    return metrics
+
+
+def reproduce_summary(path: Path) -> str:
+    """``summary.md`` of a ``patchrec reproduce`` run: every row's metrics checked against the ranks in its
+    results file (``eval/<row>-<ranking>.json``, ``baselines/<model>.json``), then the table redrawn."""
+    summary = _json(path / "summary.json")
+    for row in summary["rows"]:
+        name = row["name"] if "name" in row else row["model"]
+        candidates = [path / "baselines" / f"{name}.json", path / "eval" / f"{name}-{row['ranking']}.json"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ValueError(f"{path}: row {name!r} has no results file with ranks ({candidates[1].name})")
+        metrics = checked_ranks(found[0])
+        for metric, value in row["metrics"].items():
+            if not _close(value, metrics[metric]):
+                raise ValueError(f"{path}/summary.json: row {name!r} {metric} differs from {found[0].name}")
+    return summary_table(summary) + "\n"
+
+
+def dry_runs(path: Path) -> dict[str, str]:
+    """Each dataset's ``dry_run.md`` redrawn from its ``dry_run.json``."""
+    return {d.name: dry_run_table(_json(d / "dry_run.json")) + "\n"
+            for d in sorted(path.iterdir()) if (d / "dry_run.json").is_file()}  # fmt: skip
+
+
+def _metrics_checked(row: dict, ks, where: str) -> dict[str, float]:
+    metrics = ranking_metrics(np.asarray(row["ranks"]), ks)
+    for name, value in metrics.items():
+        if not _close(value, row["metrics"][name]):
+            raise ValueError(f"{where}: row {row['name']!r} {name} {row['metrics'][name]} != {value} from "
+                             "its ranks")  # fmt: skip
+    return metrics
+
+
+def _opt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def demo_tables(path: Path) -> dict[str, str]:
+    """``patchrec demo``'s table (metrics recomputed from every row's per-sample ranks) and the paired
+    differences between its rows: each LLM row against the next, and the oracle's full vs short history."""
+    raw = _json(path)
+    rows = raw["rows"]
+    lines = ["| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | CR | history rows | train rows/s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        m = _metrics_checked(row, raw["ks"], str(path))
+        lines.append(f"| {row['name']} | {m['HR@10']:.4f} | {m['HR@20']:.4f} | {m['NDCG@10']:.4f} | "
+                     f"{m['NDCG@20']:.4f} | {_opt(row['compression'], '.2f')} | "
+                     f"{_opt(row['history_rows'], '.1f')} | {_opt(row['rows_per_s'], ',.0f')} |")  # fmt: skip
+    llm = [r for r in rows if r["compression"] is not None]
+    oracle = [r for r in rows if r["name"].startswith("topic oracle")]
+    pairs = [(a, b) for i, a in enumerate(llm) for b in llm[i + 1 :]] + [tuple(oracle)] * (len(oracle) == 2)
+    out = ["| a | b | metric | a | b | a - b | paired s.e. | 95% bootstrap interval |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for a, b in pairs:
+        for metric in ("HR@20", "NDCG@10"):
+            d = paired_difference(per_sample(a["ranks"], metric), per_sample(b["ranks"], metric))
+            interval = f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+            out.append(f"| {a['name']} | {b['name']} | {metric} | {d['a_mean']:.4f} | {d['b_mean']:.4f} | "
+                       f"{d['diff']:+.4f} | {d['se']:.4f} | {interval} |")  # fmt: skip
+    return {"table": "\n".join(lines) + "\n", "pairs": "\n".join(out) + "\n"}
