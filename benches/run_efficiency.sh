@@ -9,7 +9,8 @@
 #   OUT_DIR defaults to benches/results/efficiency-cpu. Writes peers_train.json, peers_prefill.json,
 #   peers_beam.json (pytest-benchmark JSON: min / median per case, load average, peak memory, the pytest
 #   command in machine_info) and run.txt (this script's command, the commit, the machine's load before and
-#   after each part). Run it with nothing else on the machine: the timings are side by side, but a busy
+#   after each part), and profile-tiny-step.txt / .json (benches/profile_step.py: the tiny step's fixed
+#   cost, torch.profiler tables before / after the fixed-cost changes). Run it with nothing else on the machine: the timings are side by side, but a busy
 #   core still adds noise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,12 @@ for part in train prefill beam; do
     echo "$part: exit $rc, $(( $(date +%s) - start )) s; load average after: $(cut -d' ' -f1-3 /proc/loadavg)" \
         >> "$RUN"
 done
+cmd=(python benches/profile_step.py --out "$OUT/profile-tiny-step")
+echo "profile: ${cmd[*]}" >> "$RUN"
+rc=0
+"${cmd[@]}" || rc=$?
+[ "$rc" -eq 0 ] || status=$rc
+echo "profile: exit $rc; load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUN"
 echo "finished: $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$RUN"
-echo "wrote $OUT (peers_train.json, peers_prefill.json, peers_beam.json, run.txt)"
+echo "wrote $OUT (peers_train.json, peers_prefill.json, peers_beam.json, profile-tiny-step.*, run.txt)"
 exit "$status"
