@@ -145,7 +145,7 @@ def llm_scorer(args: argparse.Namespace, device):
         diversity=args.diversity, max_rows=args.max_rows,
     )  # fmt: skip
     scorer = LLMScorer(model_dir, data, llm, tokenizer=args.tokenizer, device=device,
-                       dtype=getattr(torch, dtype_name))  # fmt: skip
+                       dtype=getattr(torch, dtype_name), refold_every=args.refold_every)  # fmt: skip
     return scorer, model_dir
 
 

@@ -45,6 +45,7 @@ import torch
 from patchrec.batching.packed import PackedBatch
 from patchrec.eval.exact import CatalogTitles, encode_prompts, forward_continuations
 from patchrec.model.attention import BlockPlan
+from patchrec.persrec.state import PersrecState
 
 EOT_RULES = ("title_end", "leaf")
 RANK_RULES = ("first_equal", "last_prefix")
@@ -191,9 +192,10 @@ class PackedBeamDecoder(BeamDecoder):
     part A attends to the cached prompt, part B to the beam's own cached tokens plus the new one (module
     docstring)."""
 
-    def __init__(self, model, batch: PackedBatch, *, persrec_cache: str = "on"):
+    def __init__(self, model, batch: PackedBatch, *, persrec_cache: str = "on",
+                 state: PersrecState | None = None):  # fmt: skip
         self.model = model
-        self.cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
+        self.cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
         self.num_sequences = batch.num_sequences
         self.first_logprobs = self.cache.first_logprobs
         self.past_k: list[torch.Tensor] | None = None
@@ -208,12 +210,14 @@ class PackedBeamDecoder(BeamDecoder):
 def beam_search(
     model, batch: PackedBatch, trie: TitleTrie, *, beams: int = 20, groups: int = 20, diversity: float = 0.8,
     protocol: str | BeamProtocol = "authors", return_tokens: bool = False, persrec_cache: str = "on",
+    state: PersrecState | None = None,
 ) -> list[list[tuple]]:  # fmt: skip
     """Per sequence of a prompt-only batch: ``beams`` (title index, score[, tokens]) best first (fewer for
     ``clean`` when the catalog runs out). Title -1 only for an authors hypothesis ending on a masked token.
-    A persrec batch decodes from its state + final block (``persrec_cache``: see ``encode_prompts``)."""
+    A persrec batch decodes from its state + final block (``persrec_cache``, ``state``: see
+    ``encode_prompts``)."""
     check_search(beams, groups, diversity)
-    decoder = PackedBeamDecoder(model, batch, persrec_cache=persrec_cache)
+    decoder = PackedBeamDecoder(model, batch, persrec_cache=persrec_cache, state=state)
     return search(decoder, trie, beams=beams, groups=groups, diversity=diversity, protocol=protocol,
                   return_tokens=return_tokens)  # fmt: skip
 

@@ -36,6 +36,7 @@ from patchrec.eval.beam import BeamProtocol, TitleTrie, beam_search, get_protoco
 from patchrec.eval.exact import CatalogTitles, score_titles
 from patchrec.eval.metrics import DEFAULT_KS, history_mask_pairs, rank_samples, ranking_metrics
 from patchrec.persrec.llm import state_rows
+from patchrec.persrec.state import PersrecState
 
 RANKINGS = ("exact", "beam")
 # Samples per rank_samples call: bounds the [B, N] score matrix; the packer still batches by max_rows.
@@ -69,14 +70,17 @@ def _model_device(model) -> torch.device:
 def exact_item_scores(
     model, tokens: TokenizedDataset, samples: Samples, index: np.ndarray, catalog: CatalogTitles, *,
     planner: Planner, max_rows: int, persrec_cache: str = "on", memory: torch.Tensor | None = None,
-    shared_prefixes: bool = True,
+    shared_prefixes: bool = True, state: PersrecState | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [len(index), N]: every item's title log-likelihood, duplicates of a title set to -inf except one
     copy (the row's target when it carries that title, else the lowest item id).
 
     ``memory`` [len(samples), k, D] (PerSRec's rolling layout): each sample's memory, e.g. a served user's
     stored state, read by its prompt instead of the memory its batch's fold passes would compute.
-    ``shared_prefixes``: see ``patchrec.eval.exact.score_titles``."""
+    ``state`` (PerSRec's window and segments layouts; one user per sample): each sample's key/value state,
+    e.g. a served user's stored one, read by its prompt's final block instead of the state its old blocks
+    would give (``patchrec.persrec.llm.encode_with_state``). ``shared_prefixes``: see
+    ``patchrec.eval.exact.score_titles``."""
     device = _model_device(model)
     title_scores = torch.empty(len(index), len(catalog), dtype=torch.float32)
     row_of = {int(s): r for r, s in enumerate(index.tolist())}
@@ -86,8 +90,10 @@ def exact_item_scores(
             if batch.memory_rows is None:
                 raise ValueError("memory applies to the persrec plan's rolling layout")
             batch.memory = memory.to(device).index_select(0, batch.sample_ids)
+        given = None if state is None else state.select(batch.sample_ids.cpu().numpy())
         scores = score_titles(model, batch, catalog, tokens.prompt.eot, max_rows=max_rows,
-                              persrec_cache=persrec_cache, shared_prefixes=shared_prefixes).cpu()  # fmt: skip
+                              persrec_cache=persrec_cache, shared_prefixes=shared_prefixes,
+                              state=given).cpu()  # fmt: skip
         rows = [row_of[int(s)] for s in batch.sample_ids.tolist()]
         title_scores[rows] = scores
     item_title = torch.as_tensor(catalog.item_title)

@@ -31,7 +31,8 @@ import torch
 from patchrec.batching.packed import PackedBatch
 from patchrec.batching.tokens import TitleTable
 from patchrec.model.attention import BlockPlan, ContinuationPlan, PackedPlan, PromptCache
-from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full
+from patchrec.persrec.llm import CACHE_MODES, encode_cached, encode_full, encode_with_state
+from patchrec.persrec.state import PersrecState
 
 # fp32 logits held at once by the output head ([rows, vocab] slices): 2^23 floats = 32 MiB. Larger slices ran
 # slower on CPU (measured 1.7 ms per 128k-vocabulary row at 2^23, 2.6 ms at 2^25): each is a fresh buffer
@@ -168,12 +169,20 @@ def token_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     return out
 
 
-def encode_prompts(model, batch: PackedBatch, *, persrec_cache: str = "on") -> PromptCache:
+def encode_prompts(
+    model, batch: PackedBatch, *, persrec_cache: str = "on", state: PersrecState | None = None
+) -> PromptCache:
     """Run a packed prompt-only batch once; keep every layer's K/V and the first-token distribution.
 
     A persrec batch (with a block layout) keeps only what a continuation may see, the state (prefix and T
     rows) and the final block, computed in one pass (``persrec_cache="off"``) or from a state built first
-    from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``."""
+    from the prefix and old segments (``"on"``); see ``patchrec.persrec.llm``. ``state`` (one user per
+    sequence, e.g. a server's stored states) replaces the state the prompts' old blocks would give: only the
+    final blocks run (``encode_with_state``)."""
+    if state is not None:
+        if batch.layout is None:
+            raise ValueError("state applies to the persrec plan's segments and window layouts")
+        return encode_with_state(model, batch, state)
     if batch.layout is not None:
         if persrec_cache not in CACHE_MODES:
             raise ValueError(f"--persrec-cache must be one of {CACHE_MODES}, got {persrec_cache!r}")
@@ -228,12 +237,12 @@ def title_chunks(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 def score_titles(
     model, batch: PackedBatch, catalog: CatalogTitles, eot: int, *, max_rows: int, persrec_cache: str = "on",
-    shared_prefixes: bool = True,
+    shared_prefixes: bool = True, state: PersrecState | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """fp32 [Q, U]: log p(title_u tokens, eot | prompt q) for every sequence of a prompt-only batch
-    (``persrec_cache``: see ``encode_prompts``; ``shared_prefixes``: one row per distinct title prefix,
-    ``catalog.prefix_tree``, or False for one causal sequence per title)."""
-    cache = encode_prompts(model, batch, persrec_cache=persrec_cache)
+    (``persrec_cache``, ``state``: see ``encode_prompts``; ``shared_prefixes``: one row per distinct title
+    prefix, ``catalog.prefix_tree``, or False for one causal sequence per title)."""
+    cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
     if not shared_prefixes:
         return _score_flat(model, cache, catalog, eot, max_rows)
     return _score_tree(model, cache, catalog, catalog.prefix_tree(eot), max_rows)

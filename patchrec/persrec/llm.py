@@ -14,7 +14,8 @@ and of all T rows (``BlockLayout.state_index``), never the old items.
   ``encode_final`` then runs only the final block against that state. The two give the same scores.
 
 ``encode_state`` also folds new full segments into an existing state (pass it as ``context``), which is how a
-state is kept up to date when interactions arrive.
+state is kept up to date when interactions arrive. ``encode_with_state`` reads a batch's final blocks against
+states given from outside (a server's stored states, ``patchrec.serve``).
 
 Every pass is the model's own decoder call (``PackedDecoder.decode``) with a ``BlockPlan`` made from a
 ``BlockLayout`` (``patchrec.model.attention``): the state enters as the plan's per-layer context keys/values
@@ -164,6 +165,25 @@ def encode_cached(model, batch: PackedBatch) -> PromptCache:
                         sample_ids=batch.sample_ids)  # fmt: skip
 
 
+def encode_with_state(model, batch: PackedBatch, state: PersrecState) -> PromptCache:
+    """Each sequence's final block read against a state given for it (``state`` user q for sequence q; e.g. a
+    served user's stored window state, possibly built from an older window): the batch's other blocks are
+    not run, and the final rows continue the state's row numbering (``state.next_position``), as they did in
+    the prompt the state was built from. With the state ``split_state`` gives for this batch it equals
+    ``encode_cached``."""
+    if state.num_users != batch.num_sequences:
+        raise ValueError(f"state has {state.num_users} users, the batch {batch.num_sequences} sequences")
+    blocks = Blocks.of(batch)
+    device = batch.position_ids.device
+    final_rows = blocks.rows[blocks.final]
+    fin = torch.as_tensor(blocks.row_index(blocks.final), device=device)
+    embeds = model.embed(batch).index_select(0, fin)
+    positions = np.repeat(state.next_position, final_rows) + ragged_arange(final_rows)
+    lengths = torch.as_tensor(state.next_position + final_rows, device=device)
+    return encode_final(model, state, embeds, torch.as_tensor(positions, device=device), final_rows,
+                        lengths=lengths, sample_ids=batch.sample_ids)  # fmt: skip
+
+
 def state_rows(prefix_rows: int, lengths: np.ndarray, config: PersrecConfig) -> np.ndarray:
     """int64 state rows of histories of ``lengths`` items: the prefix block plus k T rows per old segment
     (segments layout) or k T rows in all (window layout)."""
@@ -176,4 +196,4 @@ def state_rows(prefix_rows: int, lengths: np.ndarray, config: PersrecConfig) -> 
 
 
 __all__ = ["CACHE_MODES", "Blocks", "encode_cached", "encode_final", "encode_full",
-           "encode_state", "split_state", "state_rows"]  # fmt: skip
+           "encode_state", "encode_with_state", "split_state", "state_rows"]  # fmt: skip

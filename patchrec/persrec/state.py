@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchrec.batching.blocks import BlockLayout
+from patchrec.batching.blocks import BlockLayout, offsets
+from patchrec.data.dataset import ragged_arange
 from patchrec.persrec.attention import block_state
 from patchrec.persrec.layout import ItemRows
 
@@ -50,6 +51,18 @@ class PersrecState:
         """Bytes of each user's state (keys and values of every layer), int64 [B]."""
         per_row = sum(t[:1].nelement() * t.element_size() for t in self.keys + self.values)
         return self.rows() * per_row
+
+    def select(self, users) -> PersrecState:
+        """The state of ``users`` (indices into this state's users, in that order; repeats allowed)."""
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        if users.size and (users.min() < 0 or users.max() >= self.num_users):
+            raise ValueError(f"users must be indices in [0, {self.num_users}), got {users.tolist()}")
+        rows = self.rows()[users]
+        index = torch.as_tensor(np.repeat(self.cu_state[:-1][users], rows) + ragged_arange(rows),
+                                device=self.positions.device)  # fmt: skip
+        pick = lambda tensors: [t.index_select(0, index) for t in tensors]  # noqa: E731
+        return PersrecState(pick(self.keys), pick(self.values), self.positions.index_select(0, index),
+                            offsets(rows), self.next_position[users].copy())  # fmt: skip
 
     @classmethod
     def empty(cls, model, num_users: int, device: torch.device | str = "cpu") -> PersrecState:

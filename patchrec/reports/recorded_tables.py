@@ -74,6 +74,13 @@ def reproduce_summary(path: Path) -> str:
     """``summary.md`` of a ``patchrec reproduce`` run: every row's metrics checked against the ranks in its
     results file (``eval/<row>-<ranking>.json``, ``baselines/<model>.json``), then the table redrawn."""
     summary = _json(path / "summary.json")
+    _checked_rows(path, summary)
+    return summary_table(summary) + "\n"
+
+
+def _checked_rows(path: Path, summary: dict) -> dict[str, np.ndarray]:
+    """Each row's per-sample ranks, its stored metrics checked against them."""
+    ranks = {}
     for row in summary["rows"]:
         name = row["name"] if "name" in row else row["model"]
         candidates = [path / "baselines" / f"{name}.json", path / "eval" / f"{name}-{row['ranking']}.json"]
@@ -84,7 +91,22 @@ def reproduce_summary(path: Path) -> str:
         for metric, value in row["metrics"].items():
             if not _close(value, metrics[metric]):
                 raise ValueError(f"{path}/summary.json: row {name!r} {metric} differs from {found[0].name}")
-    return summary_table(summary) + "\n"
+        ranks[name] = np.asarray(_json(found[0])["ranks"])
+    return ranks
+
+
+def reproduce_pairs(path: Path) -> str:
+    """Paired differences of every compressed LLM row against vanilla SFT, per test sample (the rows rank the
+    same seeded samples)."""
+    ranks = _checked_rows(path, _json(path / "summary.json"))
+    lines = ["| a - b | metric | a | b | a - b | paired s.e. | 95% bootstrap interval |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in [n for n in ranks if n.startswith(("pft-", "persrec"))]:
+        for metric in ("HR@20", "NDCG@10"):
+            d = paired_difference(per_sample(ranks[name], metric), per_sample(ranks["vanilla"], metric))
+            lines.append(f"| {name} - vanilla | {metric} | {d['a_mean']:.4f} | {d['b_mean']:.4f} | "
+                         f"{d['diff']:+.4f} | {d['se']:.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
+    return "\n".join(lines) + "\n"
 
 
 def dry_runs(path: Path) -> dict[str, str]:
@@ -121,6 +143,12 @@ def demo_tables(path: Path) -> dict[str, str]:
     llm = [r for r in rows if r["compression"] is not None]
     oracle = [r for r in rows if r["name"].startswith("topic oracle")]
     pairs = [(a, b) for i, a in enumerate(llm) for b in llm[i + 1 :]] + [tuple(oracle)] * (len(oracle) == 2)
+    return {"table": "\n".join(lines) + "\n", "pairs": paired_rows(pairs)}
+
+
+def paired_rows(pairs: list[tuple[dict, dict]]) -> str:
+    """HR@20 and NDCG@10 of row a minus row b, per sample (rows with ``name`` and ``ranks`` of the same
+    samples): the paired standard error and a 95% bootstrap interval."""
     out = ["| a | b | metric | a | b | a - b | paired s.e. | 95% bootstrap interval |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for a, b in pairs:
@@ -129,4 +157,72 @@ def demo_tables(path: Path) -> dict[str, str]:
             interval = f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
             out.append(f"| {a['name']} | {b['name']} | {metric} | {d['a_mean']:.4f} | {d['b_mean']:.4f} | "
                        f"{d['diff']:+.4f} | {d['se']:.4f} | {interval} |")  # fmt: skip
-    return {"table": "\n".join(lines) + "\n", "pairs": "\n".join(out) + "\n"}
+    return "\n".join(out) + "\n"
+
+
+def llm_persrec_tables(path: Path) -> dict[str, str]:
+    """``benches/persrec_llm_demo.py``'s results: metrics recomputed from every row's ranks (PerSRec's cache
+    off ranks checked equal to cache on where the run says so), history rows and state size, and the
+    PerSRec row against each other row, paired."""
+    raw = _json(path)
+    lines = ["| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | history rows | state KiB / sample |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in raw["rows"]:
+        m = _metrics_checked(row, raw["ks"], str(path))
+        if row.get("ranks_identical_on_off") and row["ranks_cache_off"] != row["ranks"]:
+            raise ValueError(f"{path}: row {row['name']!r}: cache on and off ranks differ")
+        state = row.get("persrec_state_bytes_per_sample")
+        lines.append(f"| {row['name']} | {m['HR@10']:.4f} | {m['HR@20']:.4f} | {m['NDCG@10']:.4f} | "
+                     f"{m['NDCG@20']:.4f} | {row['history_rows_mean']:.1f} | "
+                     f"{'-' if state is None else f'{state / 1024:.1f}'} |")  # fmt: skip
+    persrec = [r for r in raw["rows"] if r["plan"]["stage"] == "persrec"]
+    others = [r for r in raw["rows"] if r["plan"]["stage"] != "persrec"]
+    return {"table": "\n".join(lines) + "\n", "pairs": paired_rows([(p, o) for p in persrec for o in others])}
+
+
+def _checked_benchmarks(path: Path) -> list[dict]:
+    benchmark_table(path)  # raises when a stored statistic differs from its per-round times
+    return _json(path)["benchmarks"]
+
+
+def persrec_latency_tables(path: Path) -> dict[str, str]:
+    """``benches/bench_persrec_latency.py``'s JSON as tables: per model and op, min / median milliseconds of
+    each method against history length (from the per-round times), and the state each method keeps."""
+    benches = _checked_benchmarks(path)
+    lengths = sorted({b["extra_info"]["history_items"] for b in benches})
+    head = "| model | op | method | " + " | ".join(f"n = {n:,}" for n in lengths) + " |"
+    rule = "|---|---|---|" + "---:|" * len(lengths)
+    times, states = [head, rule], [head.replace(" op |", ""), rule.replace("|---|---|---|", "|---|---|")]
+    cells, state_cells = {}, {}
+    for b in benches:
+        info = b["extra_info"]
+        model = "sasrec" if info.get("model") == "sasrec" else f"llm ({info.get('preset', '-')})"
+        data = np.asarray(b["stats"]["data"]) * 1e3
+        cells.setdefault((model, info["op"], info["method"]), {})[info["history_items"]] = (
+            f"{data.min():.3g} / {np.median(data):.3g}")
+        state_cells.setdefault((model, info["method"]), {})[info["history_items"]] = info["state_bytes"]
+    for (model, op, method), row in cells.items():
+        times.append(f"| {model} | {op} | {method} | " + " | ".join(row.get(n, "-") for n in lengths) + " |")
+    for (model, method), row in state_cells.items():
+        values = (f"{row[n] / 1024:,.1f} KiB" if n in row else "-" for n in lengths)
+        states.append(f"| {model} | {method} | " + " | ".join(values) + " |")
+    return {"times": "\n".join(times) + "\n", "state": "\n".join(states) + "\n"}
+
+
+LORA_MODES = {"full": "full fine-tuning", "lora-r16": "LoRA r16, `--train-embeddings new`",
+              "lora-r16-frozen-table": "LoRA r16, `--train-embeddings none`"}  # fmt: skip
+
+
+def lora_table(path: Path) -> str:
+    """``benches/bench_lora_step.py``'s JSON as the table of docs/backbones.md (times from the per-round
+    data; samples/s = samples / median step; memory from the bench's separate fresh-process measurement)."""
+    lines = ["| plan (packed rows) | mode | trainable params | step min / median (s) | samples/s "
+             "| training memory |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for b in _checked_benchmarks(path):
+        info, data = b["extra_info"], np.asarray(b["stats"]["data"])
+        plan = {"vanilla": "vanilla", "pft-i": "PFT-I", "pft-s": "PFT-S"}[info["plan"]]
+        low, mid = data.min(), np.median(data)
+        lines.append(f"| {plan} ({info['packed_rows']}) | {LORA_MODES[info['mode']]} | "
+                     f"{info['trainable_params'] / 1e6:.1f} M | {low:.1f} / {mid:.1f} | "
+                     f"{info['samples'] / mid:.3f} | {info['train_mem_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(lines) + "\n"

@@ -40,6 +40,10 @@ from patchrec.reports.recorded_tables import (
     benchmark_table,
     demo_tables,
     dry_runs,
+    llm_persrec_tables,
+    lora_table,
+    persrec_latency_tables,
+    reproduce_pairs,
     reproduce_summary,
 )
 from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
@@ -111,11 +115,23 @@ def _bench_report(path: Path) -> dict[str, str]:
 
 
 def _reproduce(path: Path) -> dict[str, str]:
-    return {"summary": reproduce_summary(path)}
+    return {"summary": reproduce_summary(path), "pairs": reproduce_pairs(path)}
 
 
 def _dry_runs(path: Path) -> dict[str, str]:
     return dry_runs(path)
+
+
+def _persrec_latency(path: Path) -> dict[str, str]:
+    return persrec_latency_tables(path)
+
+
+def _lora(path: Path) -> dict[str, str]:
+    return {"table": benchmark_table(path), "lora": lora_table(path)}
+
+
+def _llm_persrec(path: Path) -> dict[str, str]:
+    return llm_persrec_tables(path / "results.json")
 
 
 def _demo(path: Path) -> dict[str, str]:
@@ -124,7 +140,7 @@ def _demo(path: Path) -> dict[str, str]:
 
 
 # pytest-benchmark JSON files: the table of each recomputed from its per-round times
-BENCHMARK_FILES = ("cpu.json", "distributed-cpu.json", "distributed-cpu-rerun.json", "lora-smollm2-cpu.json")
+BENCHMARK_FILES = ("cpu.json", "distributed-cpu.json", "distributed-cpu-rerun.json")
 
 RESULTS: dict[str, Result] = {
     r.name: r
@@ -137,6 +153,9 @@ RESULTS: dict[str, Result] = {
         Result("reproduce-dry-run", _dry_runs,
                {f"{d}/dry_run.md": d for d in ("goodreads", "ml-100k", "ml-1m")},
                lambda path: _json(path / "ml-1m" / "dry_run.json").get("command")),  # fmt: skip
+        Result("lora-smollm2-cpu.json", _lora, {}, benchmark_command),
+        Result("persrec-latency-cpu.json", _persrec_latency, {}, benchmark_command),
+        Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
         Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),

@@ -13,9 +13,16 @@ storage, like the ID models' states: a new interaction folds every segment it co
 memory (one fold pass per segment, ``Packer.fold_pass`` / ``PackedDecoder.fold_pass``, batched over users),
 and a request reads only the open segment's prompt with the memory written into its memory rows
 (``exact_item_scores(..., memory=)``, or ``PackedBatch.memory`` for beam search). A stored memory made by
-another model, or not matching the user's items, is rebuilt from the history. The window and segments
-layouts run with ``persrec_cache="on"`` and their state rebuilt per request (the window slides with every
-interaction; the segments move with the history past L items).
+another model, or not matching the user's items, is rebuilt from the history.
+
+The window layout (the paper's) keeps each user's state too (``patchrec.serve.llm_window``): the prompt
+prefix's and the k T rows' keys/values per layer, stored with the history length it was built at and
+refolded (rebuilt from the newest P + R items) once ``refold_every`` interactions have arrived since; a
+request reads only the user's current recent block (the newest R items) against the stored state
+(``exact_item_scores(..., state=)``, ``beam_search(..., state=)``), stale in between as
+``CachedUser(refold_every=m)`` is on the ID models. The segments layout runs with ``persrec_cache="on"``
+and its state rebuilt per request: past L items its segments move with the history (every interaction
+shifts which items open each segment), so a stored state would be stale at every request.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from patchrec.eval.beam import TitleTrie, beam_search, get_protocol
 from patchrec.eval.evaluate import exact_item_scores
 from patchrec.eval.exact import CatalogTitles
 from patchrec.model.lora import load_model
+from patchrec.persrec.stored import concat_states
+from patchrec.serve.config import DEFAULT_REFOLD_EVERY
+from patchrec.serve.llm_window import WindowStates
 from patchrec.serve.loading import file_sha256, fingerprint
 from patchrec.serve.scorers import Query, Scored
 from patchrec.serve.storage import StateRow, items_hash
@@ -81,13 +91,14 @@ class LLMSettings:
 
 class LLMScorer:
     """A trained LLM run served by exact or beam ranking (module docstring); stateful for the persrec plan's
-    rolling layout."""
+    rolling and window layouts (``refold_every``: the window layout's refold interval m)."""
 
     kind = "llm"
 
     def __init__(self, model_dir: str | Path, data: str, settings: LLMSettings, *,
                  tokenizer: str | Path | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+                 dtype: torch.dtype = torch.float32,
+                 refold_every: int = DEFAULT_REFOLD_EVERY) -> None:  # fmt: skip
         model_dir = Path(model_dir)
         self.settings = settings
         self.dataset = load_data(data)
@@ -106,7 +117,8 @@ class LLMScorer:
                                     recent=settings.persrec_recent)  # fmt: skip
         # the rolling layout reads a user's whole timeline (as patchrec eval does); the others the newest L
         self.rolling = settings.plan == "persrec" and settings.persrec_layout == "rolling"
-        self.stateful = self.rolling
+        self.window = settings.plan == "persrec" and settings.persrec_layout == "window"
+        self.stateful = self.rolling or self.window
         self.packer = Packer(self.tokens, answer=False)
         self.catalog = CatalogTitles.from_table(self.tokens.titles)
         self.trie = TitleTrie(self.catalog, self.tokens.prompt.eot) if settings.ranking == "beam" else None
@@ -118,8 +130,14 @@ class LLMScorer:
         config = {"settings": dataclasses.asdict(settings), "dtype": str(dtype),
                   "weights": [file_sha256(w) for w in weights[1:]]}  # fmt: skip
         self.fingerprint = fingerprint(weights[0], config) if weights else "unhashed"
+        self.windows = None
+        if self.window:
+            self.windows = WindowStates(self.model, self.tokens, self.dataset, self.planner, self.fingerprint,
+                                        refold_every=refold_every, max_rows=settings.max_rows)  # fmt: skip
 
     def rows(self, length: int) -> int:
+        if self.window:  # a request reads the recent block against the stored state
+            return min(length, self.settings.persrec_recent)
         return length if self.rolling else min(length, self.settings.max_items)
 
     def _samples(self, histories: list[np.ndarray]) -> Samples:
@@ -177,18 +195,22 @@ class LLMScorer:
     def score(self, queries: list[Query]) -> list[Scored]:
         s = self.settings
         index = np.arange(len(queries))
-        memory, changed = None, [None] * len(queries)
+        memory, state, changed = None, None, [None] * len(queries)
         with torch.inference_mode():
             if self.rolling:
                 memory, changed = self._memories(queries)
                 histories = [q.history[self._folded(q.history) :] for q in queries]  # the open segments
+            elif self.window:
+                states, changed = self.windows.states(queries)
+                state = concat_states(states)
+                histories = [self.windows.recent(q.history) for q in queries]
             else:
                 histories = [q.history[-s.max_items :] for q in queries]
             samples = self._samples(histories)
             if s.ranking == "exact":
                 scores = exact_item_scores(self.model, self.tokens, samples, index, self.catalog,
                                            planner=self.planner, max_rows=s.max_rows, persrec_cache="on",
-                                           memory=memory)  # fmt: skip
+                                           memory=memory, state=state)  # fmt: skip
                 return [Scored(row.float(), c) for row, c in zip(scores, changed, strict=True)]
             scores = torch.full((len(queries), self.num_items), -torch.inf)
             device = next(self.model.parameters()).device
@@ -196,9 +218,10 @@ class LLMScorer:
                 batch = batch.to(device)
                 if memory is not None:
                     batch.memory = memory.index_select(0, batch.sample_ids)
+                given = None if state is None else state.select(batch.sample_ids.cpu().numpy())
                 returned = beam_search(self.model, batch, self.trie, beams=s.beams,
                                        groups=s.groups, diversity=s.diversity, protocol=s.protocol,
-                                       persrec_cache="on")  # fmt: skip
+                                       persrec_cache="on", state=given)  # fmt: skip
                 for sid, row in zip(batch.sample_ids.tolist(), returned, strict=True):
                     for title, value in reversed(row):  # best last: a title returned twice keeps its best
                         if title >= 0:
@@ -206,10 +229,12 @@ class LLMScorer:
         return [Scored(row, c) for row, c in zip(scores, changed, strict=True)]
 
     def maintain(self, queries: list[Query]) -> list[StateRow | None]:
-        if not self.rolling:
-            return [None] * len(queries)
         with torch.inference_mode():
-            return self._memories(queries)[1]
+            if self.window:  # refolded when due; a state still fresh enough is not even read
+                return self.windows.states(queries, load=False)[1]
+            if self.rolling:
+                return self._memories(queries)[1]
+        return [None] * len(queries)
 
     def describe(self) -> dict:
         s = self.settings
@@ -223,8 +248,9 @@ class LLMScorer:
             out["persrec"] = {"layout": s.persrec_layout, "tokens": s.persrec_tokens,
                               "segment": s.persrec_segment, "old": s.persrec_old,
                               "state": "stored memory" if self.rolling else "rebuilt for every request"}
-            if s.persrec_layout == "window":
-                out["persrec"].update(window=s.persrec_window, recent=s.persrec_recent)
+            if self.window:
+                out["persrec"].update(window=s.persrec_window, recent=s.persrec_recent, state="stored state",
+                                      refold_every=self.windows.refold_every)  # fmt: skip
             if self.rolling:
                 out["history_items"] = None
         if s.ranking == "beam":

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from patchrec.baselines.checkpoint import CONFIG, MODELS, WEIGHTS, load_baseline
+from patchrec.serve.config import DEFAULT_REFOLD_EVERY
 from patchrec.serve.scorers import PersrecScorer, PopularityScorer, Scorer, SequenceScorer
 
 BASELINES = (*MODELS, "popularity")
@@ -51,7 +52,7 @@ def baseline_kind(path: str | Path) -> str | None:
 
 
 def baseline_scorer(
-    path: str | Path, *, refold_every: int = 10, device: str | torch.device = "cpu"
+    path: str | Path, *, refold_every: int = DEFAULT_REFOLD_EVERY, device: str | torch.device = "cpu"
 ) -> Scorer:
     """The scorer of a ``patchrec baseline`` directory: popularity, a sequence model, or one with PerSRec."""
     path = Path(path)

@@ -28,6 +28,7 @@ from patchrec.persrec.rolling import rolling_fold
 from patchrec.persrec.sequence import build_state, fold_segments, read_recent, split_for
 from patchrec.persrec.stored import concat_states, split_states, state_from_bytes, state_to_bytes
 from patchrec.persrec.window import window_split
+from patchrec.serve.config import DEFAULT_REFOLD_EVERY
 from patchrec.serve.storage import StateRow, items_hash
 
 
@@ -135,7 +136,8 @@ class PersrecScorer:
     stateful = True
     titles = None
 
-    def __init__(self, kind: str, model, fingerprint: str, *, refold_every: int = 10) -> None:
+    def __init__(self, kind: str, model, fingerprint: str, *,
+                 refold_every: int = DEFAULT_REFOLD_EVERY) -> None:  # fmt: skip
         if refold_every < 1:
             raise ValueError(f"refold_every must be >= 1, got {refold_every}")
         self.kind, self.model, self.fingerprint = kind, model.eval(), fingerprint
