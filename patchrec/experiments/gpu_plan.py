@@ -8,11 +8,12 @@ What is traced. The model is built from its config alone on the meta device in b
 weights as bf16 autocast copies, the compute dtype of ``patchrec train`` on CUDA). Training: ``batch_size``
 seeded training samples are planned and packed into micro-batches of at most ``max_rows`` rows exactly as
 ``patchrec train`` does; each runs forward and backward, then AdamW (foreach) steps over fp32 copies of the
-parameters. Evaluation: the first batch of test samples that the evaluation packs within ``max_rows`` runs
-its prompts once, then ``steps`` beam steps of ``beams`` beams per sample (``authors_steps``: the authors'
-protocol generates at most the longest title's tokens; groups that finish early make the real count smaller,
-so this is an upper bound; every beam is fed token 0, which changes no shape). AdamW's traced step is a
-later one (the first creates the moments).
+parameters (gradient clipping, a norm and a scale per parameter, is not traced; AdamW's traced step is a
+later one, the first creates the moments). Evaluation: the first batch of test samples that the evaluation
+packs within ``max_rows`` runs its prompts once, then ``steps`` beam steps of ``beams`` beams per sample
+(``authors_steps``: the authors' protocol generates at most the longest title's tokens; groups that finish
+early make the real count smaller, so this is an upper bound; every beam is fed token 0, which changes no
+shape).
 
 How each figure is made:
 - FLOPs: torch's flop formulas per op (matmuls; patchrec's ops through the formulas they register; ops with
