@@ -16,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-benches/results/efficiency-cpu}
+case "$OUT" in
+    -*) echo "the first argument is the output directory (got $OUT); pytest arguments come after it" >&2
+        exit 2 ;;
+esac
 shift || true
 export PATCHREC_PEER_ROUNDS=${PATCHREC_PEER_ROUNDS:-5}
 if [ "$PATCHREC_PEER_ROUNDS" -lt 5 ]; then
