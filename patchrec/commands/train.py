@@ -43,7 +43,7 @@ _OVERRIDES = ("k", "g", "p", *PERSREC_FIELDS,
               "init", "lora_r", "lora_alpha", "lora_targets", "train_embeddings", "save",
               "tokenizer", "tokenizer_vocab", "max_items", "train_samples",
               "synthetic_users", "synthetic_items", "synthetic_length", "synthetic_topics",
-              "synthetic_interests", "synthetic_long_term_share", "lr",
+              "synthetic_interests", "synthetic_long_term_share", "lr", "adamw",
               "weight_decay", "warmup_ratio", "grad_clip", "epochs", "max_steps", "batch_size", "max_rows",
               "seed", "val_every", "val_samples", "val_plan", "log_every", "save_every", "keep_checkpoints",
               "halt_after", "dtype", "device", "save_dtype", "parallel", "dist_timeout")
@@ -136,6 +136,9 @@ def _optimisation_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     opt.add_argument("--warmup-ratio", type=float, default=None, help="linear warmup share (default 0.05)")
     opt.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default 0.3; 0 = off)")
+    opt.add_argument("--adamw", choices=("foreach", "fused"), default=None,
+                     help="AdamW implementation: foreach (default; bitwise torch's per-tensor loop) or fused "
+                     "(one kernel per tensor: faster, rounds about 1 ulp differently)")
     opt.add_argument("--epochs", type=int, default=None, help="epochs (default 1)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     opt.add_argument("--batch-size", type=int, default=None,

@@ -172,6 +172,41 @@ class _Group:
                 self.worst = min(score, self.worst)
 
 
+class BeamDecoder:
+    """What the search asks of a model: the first answer token's distribution for each sequence, then the
+    next-token log-probs of every running beam, step by step. ``PackedBeamDecoder`` is patchrec's; the
+    benchmarks drive the same search with transformers' own KV cache and with the authors' uncached loop."""
+
+    num_sequences: int
+    first_logprobs: torch.Tensor  # fp32 [Q, V]
+
+    def step(self, parents: list[int], tokens: list[int], seqs: list[int], step: int) -> torch.Tensor:
+        """[n, V] next-token log-probs of the running beams of step ``step`` (>= 1): beam i extends the
+        previous step's running beam ``parents[i]`` by ``tokens[i]``; ``seqs`` (non-decreasing) are their
+        sequences."""
+        raise NotImplementedError
+
+
+class PackedBeamDecoder(BeamDecoder):
+    """The prompt once (``patchrec.eval.exact.encode_prompts``), then one row per running beam per step:
+    part A attends to the cached prompt, part B to the beam's own cached tokens plus the new one (module
+    docstring)."""
+
+    def __init__(self, model, batch: PackedBatch, *, persrec_cache: str = "on",
+                 state: PersrecState | None = None):  # fmt: skip
+        self.model = model
+        self.cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
+        self.num_sequences = batch.num_sequences
+        self.first_logprobs = self.cache.first_logprobs
+        self.past_k: list[torch.Tensor] | None = None
+        self.past_v: list[torch.Tensor] | None = None
+
+    def step(self, parents, tokens, seqs, step):
+        logp, self.past_k, self.past_v = _step(self.model, self.cache, parents, tokens, seqs, self.past_k,
+                                               self.past_v, step)  # fmt: skip
+        return logp
+
+
 def beam_search(
     model, batch: PackedBatch, trie: TitleTrie, *, beams: int = 20, groups: int = 20, diversity: float = 0.8,
     protocol: str | BeamProtocol = "authors", return_tokens: bool = False, persrec_cache: str = "on",
@@ -181,27 +216,39 @@ def beam_search(
     ``clean`` when the catalog runs out). Title -1 only for an authors hypothesis ending on a masked token.
     A persrec batch decodes from its state + final block (``persrec_cache``, ``state``: see
     ``encode_prompts``)."""
+    check_search(beams, groups, diversity)
+    decoder = PackedBeamDecoder(model, batch, persrec_cache=persrec_cache, state=state)
+    return search(decoder, trie, beams=beams, groups=groups, diversity=diversity, protocol=protocol,
+                  return_tokens=return_tokens)  # fmt: skip
+
+
+def check_search(beams: int, groups: int, diversity: float) -> None:
     if beams < 1 or groups < 1 or beams % groups:
         raise ValueError(f"groups must divide beams (beams={beams}, groups={groups})")
     if diversity < 0:
         raise ValueError(f"diversity must be >= 0, got {diversity}")
+
+
+def search(
+    decoder: BeamDecoder, trie: TitleTrie, *, beams: int = 20, groups: int = 20, diversity: float = 0.8,
+    protocol: str | BeamProtocol = "authors", return_tokens: bool = False,
+) -> list[list[tuple]]:  # fmt: skip
+    """``beam_search`` over any ``BeamDecoder`` (the search itself: groups, trie, protocol)."""
+    check_search(beams, groups, diversity)
     proto = get_protocol(protocol)
     k = beams // groups
-    cache = encode_prompts(model, batch, persrec_cache=persrec_cache, state=state)
-    device = cache.first_logprobs.device
-    num_seq = batch.num_sequences
+    num_seq = decoder.num_sequences
     state = {(s, g): _Group() for s in range(num_seq) for g in range(groups)}
     starts = [0.0] + [-1e9] * (k - 1) if proto.hf_bookkeeping else [0.0]
     running = [_Beam(s, g, 0, [], sc, -1) for s in range(num_seq) for g in range(groups) for sc in starts]
     max_steps = proto.steps(trie)
-    past_k: list[torch.Tensor] | None = None
-    past_v: list[torch.Tensor] | None = None
     step = 0
     while running and step < max_steps:
         if step == 0:
-            logp = cache.first_logprobs[[b.seq for b in running]]
+            logp = decoder.first_logprobs[[b.seq for b in running]]
         else:
-            logp, past_k, past_v = _step(model, cache, running, past_k, past_v, step, device)
+            logp = decoder.step([b.parent for b in running], [b.tokens[-1] for b in running],
+                                [b.seq for b in running], step)  # fmt: skip
         logp = logp.float().cpu()
         nxt: list[_Beam] = []
         for s in range(num_seq):
@@ -303,17 +350,19 @@ def _select(running, rows, logp, penalty, trie, k, proto, group: _Group) -> list
     return kept
 
 
-def _step(model, cache, running, past_k, past_v, step, device):
+def _step(model, cache, parents, tokens, seqs, past_k, past_v, step):
     """Feed every running beam's last token; returns its next-token log-probs and the grown caches (per layer
     [beams * step, Hkv, D]: each beam's ``step`` tokens back to back)."""
-    num_beams = len(running)
-    parents = torch.tensor([b.parent for b in running], device=device)
-    token_ids = torch.tensor([b.tokens[-1] for b in running], device=device)
-    seq = torch.tensor([b.seq for b in running], device=device)
+    device = cache.first_logprobs.device
+    num_beams = len(parents)
+    parents = torch.tensor(parents, device=device)
+    token_ids = torch.tensor(tokens, device=device)
+    seq = torch.tensor(seqs, device=device)
     position_ids = cache.lengths[seq] + (step - 1)
-    # Part A groups the rows by sequence: running beams are kept sorted by sequence.
-    counts = torch.bincount(seq, minlength=len(cache.lengths))
-    by_sample_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    # Part A groups the rows by sequence: running beams are kept sorted by sequence. Counted on the host
+    # from the list (no device sync; shapes only on the meta device, where the GPU planner traces a step).
+    counts = torch.bincount(torch.tensor(seqs), minlength=len(cache.lengths))
+    by_sample_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device=device, dtype=torch.int32)
     cu_q = torch.arange(num_beams + 1, device=device, dtype=torch.int32)
     # Part B of beam i: its parent's step - 1 cached tokens (the context), then its own new row.
     past = step - 1

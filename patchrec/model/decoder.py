@@ -81,6 +81,31 @@ class _NoInputGradRow(torch.autograd.Function):
         return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0.0), None
 
 
+class _SparseTableRows(torch.autograd.Function):
+    """``weight.index_select(0, ids)`` (``ids`` distinct) whose backward gives the table a sparse COO gradient
+    over those rows, the ``skip`` row (a padding row, -1 for none) zeroed as ``_NoInputGradRow`` does.
+
+    Used for a table tied to the output head in CPU training (``PackedDecoder.embed``): the head's dense
+    [V, D] gradient already holds every row, so the autograd engine adds these rows into it instead of first
+    writing a dense zero [V, D] gradient for the patches and then a dense sum (two fresh V x D buffers per
+    step, page faults on CPU). The sums are the same numbers in the same order: bitwise the dense gradient."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, skip: int) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.skip = weight.shape, skip
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        if ctx.skip >= 0:
+            grad = grad.masked_fill((ids == ctx.skip)[:, None], 0.0)
+        sparse = torch.sparse_coo_tensor(ids[None], grad, ctx.shape, is_coalesced=True,
+                                         check_invariants=False)  # fmt: skip
+        return sparse, None, None
+
+
 @dataclass
 class PackedOutput:
     loss: torch.Tensor  # scalar: mean cross-entropy over all answer tokens of the batch
@@ -164,14 +189,31 @@ class PackedDecoder(nn.Module):
         scale = getattr(self.lm.get_input_embeddings(), "embed_scale", None)
         return rows if scale is None else rows * scale.to(rows.dtype)
 
-    def embed(self, batch: PackedBatch, *, validate: bool | None = None) -> torch.Tensor:
+    def sparse_table_grad(self) -> bool:
+        """Whether a training forward hands the table a sparse gradient (``_SparseTableRows``): only where
+        the dense one costs (CPU) and is exact (the table is tied to the output head, which gives it a dense
+        gradient in the same backward), in eager mode (``torch.unique``'s size depends on the data)."""
+        table = self.embedding_table()
+        return (table.requires_grad and torch.is_grad_enabled() and table.device.type == "cpu"
+                and self.lm.get_output_embeddings().weight is table
+                and not torch.compiler.is_compiling())  # fmt: skip
+
+    def embed(
+        self, batch: PackedBatch, *, validate: bool | None = None, head_follows: bool = False
+    ) -> torch.Tensor:
         """[R, D] input rows of the batch; a PerSRec rolling batch gets its memory rows written (the
-        memory it carries, or the one its fold passes compute: ``fold_memory``)."""
+        memory it carries, or the one its fold passes compute: ``fold_memory``). ``head_follows``: the
+        caller applies the (tied) output head in the same graph (``forward``), so the table's gradient may
+        come sparse (``sparse_table_grad``)."""
         table = self.embedding_table()
         pad = getattr(self.lm.get_input_embeddings(), "padding_idx", None)
-        if pad is not None and table.requires_grad and torch.is_grad_enabled():
+        token_ids = batch.token_ids
+        if head_follows and self.sparse_table_grad():
+            ids, token_ids = torch.unique(batch.token_ids, return_inverse=True)
+            table = _SparseTableRows.apply(table, ids, -1 if pad is None else int(pad))
+        elif pad is not None and table.requires_grad and torch.is_grad_enabled():
             table = _NoInputGradRow.apply(table, pad)
-        rows = patch_embed(table, batch.token_ids, batch.seg_offsets, batch.row_offsets, validate=validate)
+        rows = patch_embed(table, token_ids, batch.seg_offsets, batch.row_offsets, validate=validate)
         rows = self.scale_embeddings(rows)
         if batch.memory_rows is None:
             return rows
@@ -240,13 +282,15 @@ class PackedDecoder(nn.Module):
             return BlockPlan.of_layout(batch.layout)
         return PackedPlan(batch.cu_seqlens, batch.max_seqlen)
 
-    def hidden_states(self, batch: PackedBatch, *, validate: bool | None = None) -> torch.Tensor:
+    def hidden_states(self, batch: PackedBatch, *, validate: bool | None = None,
+                      head_follows: bool = False) -> torch.Tensor:  # fmt: skip
         """[R, D] final (normed) hidden states of every row (PerSRec's block attention when the batch has a
-        layout; RoPE positions stay the row index inside the sequence)."""
-        return self.decode(self.embed(batch, validate=validate), batch.position_ids, self.batch_plan(batch))
+        layout; RoPE positions stay the row index inside the sequence); ``head_follows``: see ``embed``."""
+        rows = self.embed(batch, validate=validate, head_follows=head_follows)
+        return self.decode(rows, batch.position_ids, self.batch_plan(batch))
 
     def forward(self, batch: PackedBatch, *, validate: bool | None = None) -> PackedOutput:
-        hidden = self.hidden_states(batch, validate=validate)
+        hidden = self.hidden_states(batch, validate=validate, head_follows=True)
         answer_hidden = hidden.index_select(0, batch.label_rows)
         # The output head over the whole vocabulary runs on the N answer rows only.
         logits = self.logits(answer_hidden).float()

@@ -39,6 +39,10 @@ LORA_FIELDS = {"lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
                "train_embeddings": "--train-embeddings"}
 SAVE_DTYPES = ("fp32", "bf16")
 PARALLEL = ("auto", "ddp", "fsdp")
+# AdamW implementations (``patchrec.train.parallel.make_adamw``): foreach gives bitwise the result of torch's
+# per-tensor loop (its CPU default) in fewer passes over the weights; fused runs one kernel per tensor
+# (several times faster on CPU for a large embedding table) and rounds differently (about 1 ulp per step).
+ADAMW_IMPLS = ("foreach", "fused")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.05  # share of the steps with linear warmup before the cosine decay
     grad_clip: float = 0.3  # max global gradient norm (0 = no clipping)
+    adamw: str = "foreach"  # AdamW implementation: foreach (= torch's per-tensor loop, bitwise) | fused
     epochs: int = 1  # passes over the training samples (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps; > 0 overrides epochs (the schedule is laid out over these)
     batch_size: int = 64  # samples per optimizer step (docs/method.md §3: 64 MovieLens, 32 Goodreads)
@@ -116,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        if self.adamw not in ADAMW_IMPLS:
+            raise ValueError(f"adamw must be one of {ADAMW_IMPLS}, got {self.adamw!r}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if not self.dist_timeout > 0:

@@ -86,6 +86,7 @@ from patchrec.train.parallel import (
     gather_full_model,
     load_optimizer_state,
     loss_scale,
+    make_adamw,
     param_groups,
     resolve_mode,
     unwrap,
@@ -357,7 +358,7 @@ def _prepare(config: TrainConfig, resume: bool, ctx: DistContext, device: torch.
     model = wrap(model, mode, ctx, device, bf16=use_bf16)
     total_steps = total_steps_of(config, len(train_samples))
     groups, param_names = param_groups(unwrap(model), config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_adamw(groups, lr=config.lr, impl=config.adamw)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
                                                 total_steps)
     step = 0
