@@ -91,7 +91,7 @@ def run(config: str, args, setup, initial: dict) -> tuple[dict, str]:
     fixed_us = fixed_cost_us(events, setup.model.vocab_size) / args.steps
     summary = {"config": config, "step_min_s": min(times), "step_median_s": sorted(times)[len(times) // 2],
                "profiled_step_s": profiled_us / 1e6, "fixed_s": fixed_us / 1e6,
-               "rest_s": (profiled_us - fixed_us) / 1e6}  # fmt: skip
+               "rest_s": (profiled_us - fixed_us) / 1e6, "step_times_s": times}  # fmt: skip
     table = events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=45,
                          max_shapes_column_width=70)  # fmt: skip
     return summary, table

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from patchrec.cli import main
 from patchrec.reports.results_check import check
 
@@ -32,3 +34,45 @@ def test_a_tampered_number_is_caught(tmp_path, capsys):
     assert "HR@20" in capsys.readouterr().out
     (work / "benches" / "results" / "stray.json").write_text("{}")
     assert any("stray.json" in p and "not registered" in p for p in check(work))
+
+
+def _tamper(work: Path, relative: str, change) -> None:
+    path = work / "benches" / "results" / relative
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+def _round_time(raw):
+    raw["benchmarks"][0]["stats"]["min"] *= 0.9  # a minimum that no round took
+
+
+def _demo_metric(raw):
+    raw["rows"][-1]["metrics"]["NDCG@10"] += 0.01
+
+
+def _reproduce_metric(raw):
+    raw["rows"][-1]["metrics"]["HR@20"] += 0.005  # the summary's, not its results file's
+
+
+def _quoted_row(raw):
+    raw["rows"][0]["ranks"][0] += 25  # a rank change moves the quoted table
+
+
+@pytest.mark.parametrize(
+    "relative,change,word",
+    [("lora-smollm2-cpu.json", _round_time, "per-round times"),
+     ("demo-cpu/results.json", _demo_metric, "NDCG@10"),
+     ("reproduce-ml-100k-smollm2-cpu/summary.json", _reproduce_metric, "HR@20"),
+     ("persrec-llm-demo/results.json", _quoted_row, "persrec-llm-demo")],
+    ids=["benchmark-json", "demo", "reproduce", "llm-demo-docs-quote"],
+)  # fmt: skip
+def test_each_kind_of_result_catches_tampering(tmp_path, relative, change, word):
+    work = tmp_path / "repo"
+    (work / "benches").mkdir(parents=True)
+    shutil.copytree(ROOT / "benches" / "results", work / "benches" / "results")
+    shutil.copytree(ROOT / "docs", work / "docs")
+    shutil.copy(ROOT / "README.md", work / "README.md")
+    _tamper(work, relative, change)
+    problems = check(work)
+    assert problems and any(word in p for p in problems), problems

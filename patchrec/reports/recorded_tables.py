@@ -15,7 +15,7 @@ import numpy as np
 from patchrec.eval.metrics import ranking_metrics
 from patchrec.eval.paired import paired_difference, per_sample
 from patchrec.experiments.reproduce_report import dry_run_table, summary_table
-from patchrec.reports.bench_report import write_report
+from patchrec.reports.bench_report import load_records, provider_ratios, write_report
 
 
 def _json(path: Path) -> dict:
@@ -229,4 +229,85 @@ def lora_table(path: Path) -> str:
         lines.append(f"| {plan} ({info['packed_rows']}) | {LORA_MODES[info['mode']]} | "
                      f"{info['trainable_params'] / 1e6:.1f} M | {low:.1f} / {mid:.1f} | "
                      f"{info['samples'] / mid:.3f} | {info['train_mem_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def peers_table(path: Path) -> str:
+    """A peer bench's JSON (``benches/bench_peers_*.py``) as one table per group (operation and model): per
+    plan and history length, each provider's min / median seconds per round (from the per-round times) and
+    its median over patchrec's in the same run (x > 1: slower than patchrec)."""
+    benches = _checked_benchmarks(path)
+    providers = list(dict.fromkeys(b["extra_info"]["provider"] for b in benches))
+    medians: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for b in benches:
+        info, data = b["extra_info"], np.asarray(b["stats"]["data"])
+        key = (b["group"], info["plan"], info["L"])
+        medians.setdefault(key, {})[info["provider"]] = (float(data.min()), float(np.median(data)))
+    lines = []
+    for group in dict.fromkeys(k[0] for k in medians):
+        head = "| plan | L | " + " | ".join(providers) + " |"
+        lines += [f"**{group}** (seconds per round, min / median; x = median over patchrec's)", "",
+                  head, "|---|---:|" + "---:|" * len(providers)]  # fmt: skip
+        for (g, plan, length), row in medians.items():
+            if g != group:
+                continue
+            base = row.get("patchrec", (0.0, 0.0))[1]
+            cells = []
+            for p in providers:
+                if p not in row:
+                    cells.append("-")
+                    continue
+                low, mid = row[p]
+                ratio = f" ({mid / base:.2f}x)" if base and p != "patchrec" else ""
+                cells.append(f"{low:.3g} / {mid:.3g}{ratio}")
+            lines.append(f"| {plan} | {length} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def profile_table(path: Path) -> str:
+    """``benches/profile_step.py``'s JSON: per configuration of the tiny training step, min / median step
+    seconds (from its per-step times) and the profiled step split into the fixed cost (the ops on V-row
+    tensors and the optimizer step) and the rest."""
+    raw = _json(path)
+    lines = ["| configuration | step min (s) | step median (s) | profiled step (s) | fixed cost (s) "
+             "| rest (s) |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for c in raw["configs"]:
+        times = sorted(c["step_times_s"])
+        low, mid = times[0], times[len(times) // 2]  # the script's median: the upper one for an even count
+        if not (_close(low, c["step_min_s"]) and _close(mid, c["step_median_s"])):
+            raise ValueError(f"{path}: {c['config']}: stored step min / median differ from its step times")
+        lines.append(f"| {c['config']} | {low:.3f} | {mid:.3f} | {c['profiled_step_s']:.3f} | "
+                     f"{c['fixed_s']:.3f} | {c['rest_s']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def train_step_ratios(path: Path) -> str:
+    """The training step's ratios of ``patchrec bench report`` (competitor median / patchrec median in the
+    same run) as one row per plan and competitor, one column per history length."""
+    records = [r for r in load_records([path]) if r.group == "train_step"]
+    ratios = provider_ratios(records)
+    lengths = sorted({r["L"] for r in ratios})
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for r in ratios:
+        if r["reference"] != "patchrec":
+            raise ValueError(f"{path}: train_step ratios divide by {r['reference']!r}, not patchrec")
+        cells.setdefault((r["plan"], r["provider"]), {})[r["L"]] = r["time_ratio"]
+    names = {"vanilla": "vanilla", "pft-i": "PFT-I", "pft-s": "PFT-S"}
+    lines = ["| plan | " + " | ".join(f"L = {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for (plan, provider), row in cells.items():
+        values = " | ".join(f"{row[n]:.1f}x" if n in row else "-" for n in lengths)
+        lines.append(f"| {names.get(plan, plan)}, vs {provider} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def distributed_table(path: Path) -> str:
+    """``benches/bench_distributed.py``'s JSON: per case, the cores it used and the samples/s the training run
+    logged over its timed steps (the bench records them in ``extra_info``; the per-round times are the whole
+    subprocess, start-up included, and are in the ``table`` block)."""
+    lines = ["| case | cores used | samples/s | final loss |", "|---|---|---|---|"]
+    for b in _checked_benchmarks(path):
+        info = b["extra_info"]
+        cores = info["processes"] * info["threads_per_process"]
+        lines.append(f"| {info['case']} | {cores} | {info['samples_per_s']:.1f} | {info['final_loss']:.6f} |")
     return "\n".join(lines) + "\n"

@@ -39,12 +39,16 @@ from patchrec.reports.recorded_tables import (
     benchmark_command,
     benchmark_table,
     demo_tables,
+    distributed_table,
     dry_runs,
     llm_persrec_tables,
     lora_table,
+    peers_table,
     persrec_latency_tables,
+    profile_table,
     reproduce_pairs,
     reproduce_summary,
+    train_step_ratios,
 )
 from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
 
@@ -107,7 +111,12 @@ def _file_command(name: str) -> Callable[[Path], str | None]:
 
 
 def _benchmark(path: Path) -> dict[str, str]:
-    return {"table": benchmark_table(path)}
+    blocks = {"table": benchmark_table(path)}
+    if path.name == "cpu.json":
+        blocks["train_step_ratios"] = train_step_ratios(path)
+    if path.name.startswith("distributed-"):
+        blocks["samples_per_s"] = distributed_table(path)
+    return blocks
 
 
 def _bench_report(path: Path) -> dict[str, str]:
@@ -134,6 +143,21 @@ def _llm_persrec(path: Path) -> dict[str, str]:
     return llm_persrec_tables(path / "results.json")
 
 
+def _efficiency(path: Path) -> dict[str, str]:
+    blocks = {part: peers_table(path / f"peers_{part}.json") for part in ("train", "prefill", "beam")
+              if (path / f"peers_{part}.json").is_file()}  # fmt: skip
+    if (path / "profile-tiny-step.json").is_file():
+        blocks["profile"] = profile_table(path / "profile-tiny-step.json")
+    if not blocks:
+        raise ValueError(f"{path}: no peers_*.json or profile-tiny-step.json")
+    return blocks
+
+
+def _run_txt_command(path: Path) -> str | None:
+    lines = (path / "run.txt").read_text().splitlines() if (path / "run.txt").is_file() else []
+    return next((line.removeprefix("command: ") for line in lines if line.startswith("command: ")), None)
+
+
 def _demo(path: Path) -> dict[str, str]:
     blocks = demo_tables(path / "results.json")
     return blocks | {"summary": blocks["table"] + "\n" + blocks["pairs"]}
@@ -156,6 +180,7 @@ RESULTS: dict[str, Result] = {
         Result("lora-smollm2-cpu.json", _lora, {}, benchmark_command),
         Result("persrec-latency-cpu.json", _persrec_latency, {}, benchmark_command),
         Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
+        Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
         Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
