@@ -311,3 +311,20 @@ def distributed_table(path: Path) -> str:
         cores = info["processes"] * info["threads_per_process"]
         lines.append(f"| {info['case']} | {cores} | {info['samples_per_s']:.1f} | {info['final_loss']:.6f} |")
     return "\n".join(lines) + "\n"
+
+
+def baselines_table(path: Path) -> str:
+    """``patchrec baseline MODEL --both-masks`` runs, one directory per model: per model and masking, the
+    metrics recomputed from the per-sample ranks (``results_unmasked.json``, ``results_masked.json``) and the
+    run's wall time."""
+    lines = ["| model | masking | HR@10 | NDCG@10 | HR@20 | NDCG@20 | wall time |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    names = {"popularity": "popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec", "hstu": "HSTU"}
+    for label in ("unmasked", "masked"):
+        for run in sorted((d for d in path.iterdir() if d.is_dir()), key=lambda d: list(names).index(d.name)):
+            file = run / f"results_{label}.json"
+            m = checked_ranks(file)
+            wall = f"{_json(file)['wall_seconds']:.0f} s" if label == "unmasked" else ""  # one run gives both
+            lines.append(f"| {names[run.name]} | {label} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | "
+                         f"{m['HR@20']:.4f} | {m['NDCG@20']:.4f} | {wall} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

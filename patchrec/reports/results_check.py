@@ -35,6 +35,7 @@ from patchrec.reports.persrec_tables import (
     staleness_table,
 )
 from patchrec.reports.recorded_tables import (
+    baselines_table,
     bench_report,
     benchmark_command,
     benchmark_table,
@@ -158,6 +159,14 @@ def _run_txt_command(path: Path) -> str | None:
     return next((line.removeprefix("command: ") for line in lines if line.startswith("command: ")), None)
 
 
+def _baselines(path: Path) -> dict[str, str]:
+    return {"table": baselines_table(path)}
+
+
+def _commands_txt(path: Path) -> str | None:
+    return (path / "commands.txt").read_text() if (path / "commands.txt").is_file() else None
+
+
 def _demo(path: Path) -> dict[str, str]:
     blocks = demo_tables(path / "results.json")
     return blocks | {"summary": blocks["table"] + "\n" + blocks["pairs"]}
@@ -181,6 +190,7 @@ RESULTS: dict[str, Result] = {
         Result("persrec-latency-cpu.json", _persrec_latency, {}, benchmark_command),
         Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
         Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
+        Result("baselines-ml100k", _baselines, {}, _commands_txt),
         Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
