@@ -18,12 +18,16 @@ PAIRS = [("window", "full"), ("rolling", "full"), ("recent", "full"), ("window",
          ("rolling", "recent"), ("rolling", "window")]  # fmt: skip
 
 
-def checked_metrics(result: dict, where: str) -> dict[str, float]:
-    """The metrics of a results.json recomputed from its ranks; ValueError when the stored ones differ."""
-    metrics = ranking_metrics(np.asarray(result["ranks"]), (10, 20))
-    for name in METRICS:
-        if abs(metrics[name] - result["metrics"][name]) > 1e-12:
-            raise ValueError(f"{where}: {name} {result['metrics'][name]} != {metrics[name]} from its ranks")
+def checked_metrics(result: dict, where: str, ks=(10, 20)) -> dict[str, float]:
+    """The metrics of a result (its ``ranks`` and stored ``metrics``: a results.json, or one row of a table)
+    recomputed from its ranks at ``ks``; ValueError naming ``where`` when a stored one differs or there are
+    no ranks."""
+    if "ranks" not in result:
+        raise ValueError(f"{where}: no per-sample ranks")
+    metrics = ranking_metrics(np.asarray(result["ranks"]), ks)
+    for name, value in metrics.items():
+        if abs(value - result["metrics"][name]) > 1e-12:
+            raise ValueError(f"{where}: {name} {result['metrics'][name]} != {value} from its ranks")
     return metrics
 
 

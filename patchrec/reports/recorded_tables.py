@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from patchrec.eval.metrics import ranking_metrics
 from patchrec.eval.paired import paired_difference, per_sample
 from patchrec.experiments.reproduce_report import dry_run_table, summary_table
 from patchrec.reports.bench_report import load_records, provider_ratios, write_report
+from patchrec.reports.persrec_tables import checked_metrics
 
 
 def _json(path: Path) -> dict:
@@ -26,11 +26,11 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
-def benchmark_table(path: Path) -> str:
-    """One row per benchmark of a pytest-benchmark JSON: rounds, min and median seconds, recomputed from its
-    per-round times (``stats.data``) and checked against the stored statistics."""
-    lines = ["| benchmark | rounds | min (s) | median (s) |", "|---|---:|---:|---:|"]
-    for bench in _json(path)["benchmarks"]:
+def checked_benchmarks(path: Path) -> list[dict]:
+    """The benchmarks of a pytest-benchmark JSON, each with per-round times (``stats.data``) whose count, min
+    and median are the stored statistics; ValueError naming the file and benchmark otherwise."""
+    benches = _json(path)["benchmarks"]
+    for bench in benches:
         stats = bench["stats"]
         data = stats.get("data")
         if not data:
@@ -39,7 +39,16 @@ def benchmark_table(path: Path) -> str:
         if len(data) != stats["rounds"] or not _close(low, stats["min"]) or not _close(mid, stats["median"]):
             raise ValueError(f"{path}: {bench['fullname']}: stored rounds / min / median differ from its "
                              "per-round times")  # fmt: skip
-        lines.append(f"| `{bench['name']}` | {len(data)} | {low:.4g} | {mid:.4g} |")
+    return benches
+
+
+def benchmark_table(path: Path) -> str:
+    """One row per benchmark of a pytest-benchmark JSON: rounds, min and median seconds, recomputed from its
+    per-round times (see ``checked_benchmarks``)."""
+    lines = ["| benchmark | rounds | min (s) | median (s) |", "|---|---:|---:|---:|"]
+    for bench in checked_benchmarks(path):
+        data = bench["stats"]["data"]
+        lines.append(f"| `{bench['name']}` | {len(data)} | {np.min(data):.4g} | {np.median(data):.4g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -57,71 +66,33 @@ def bench_report(path: Path, source: Path) -> str:
         return write_report([copy], Path(tmp) / "report").read_text()
 
 
-def checked_ranks(path: Path) -> dict[str, float]:
-    """The metrics of an evaluation's results file recomputed from its per-sample ranks; ValueError when
-    the stored ones differ."""
-    raw = _json(path)
-    if "ranks" not in raw:
-        raise ValueError(f"{path}: no per-sample ranks")
-    metrics = ranking_metrics(np.asarray(raw["ranks"]), raw["ks"])
-    for name, value in metrics.items():
-        if not _close(value, raw["metrics"][name]):
-            raise ValueError(f"{path}: {name} {raw['metrics'][name]} != {value} from its ranks")
-    return metrics
-
-
-def reproduce_summary(path: Path) -> str:
-    """``summary.md`` of a ``patchrec reproduce`` run: every row's metrics checked against the ranks in its
-    results file (``eval/<row>-<ranking>.json``, ``baselines/<model>.json``), then the table redrawn."""
+def reproduce_tables(path: Path) -> dict[str, str]:
+    """A ``patchrec reproduce`` run: ``summary`` (its ``summary.md``, every row's metrics checked against the
+    ranks in its results file: ``eval/<row>-<ranking>.json`` or ``baselines/<model>.json``) and ``pairs``
+    (every compressed LLM row against vanilla SFT, per test sample: the rows rank the same seeded samples)."""
     summary = _json(path / "summary.json")
-    _checked_rows(path, summary)
-    return summary_table(summary) + "\n"
-
-
-def _checked_rows(path: Path, summary: dict) -> dict[str, np.ndarray]:
-    """Each row's per-sample ranks, its stored metrics checked against them."""
-    ranks = {}
+    rows = {}
     for row in summary["rows"]:
-        name = row["name"] if "name" in row else row["model"]
+        name = row["name"]
         candidates = [path / "baselines" / f"{name}.json", path / "eval" / f"{name}-{row['ranking']}.json"]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise ValueError(f"{path}: row {name!r} has no results file with ranks ({candidates[1].name})")
-        metrics = checked_ranks(found[0])
+        raw = _json(found[0])
+        metrics = checked_metrics(raw, str(found[0]), raw["ks"])
         for metric, value in row["metrics"].items():
             if not _close(value, metrics[metric]):
                 raise ValueError(f"{path}/summary.json: row {name!r} {metric} differs from {found[0].name}")
-        ranks[name] = np.asarray(_json(found[0])["ranks"])
-    return ranks
-
-
-def reproduce_pairs(path: Path) -> str:
-    """Paired differences of every compressed LLM row against vanilla SFT, per test sample (the rows rank the
-    same seeded samples)."""
-    ranks = _checked_rows(path, _json(path / "summary.json"))
-    lines = ["| a - b | metric | a | b | a - b | paired s.e. | 95% bootstrap interval |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in [n for n in ranks if n.startswith(("pft-", "persrec"))]:
-        for metric in ("HR@20", "NDCG@10"):
-            d = paired_difference(per_sample(ranks[name], metric), per_sample(ranks["vanilla"], metric))
-            lines.append(f"| {name} - vanilla | {metric} | {d['a_mean']:.4f} | {d['b_mean']:.4f} | "
-                         f"{d['diff']:+.4f} | {d['se']:.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
-    return "\n".join(lines) + "\n"
+        rows[name] = {"name": name, "ranks": raw["ranks"]}
+    compressed = [r for n, r in rows.items() if n.startswith(("pft-", "persrec"))]
+    return {"summary": summary_table(summary) + "\n",
+            "pairs": paired_rows([(r, rows["vanilla"]) for r in compressed])}  # fmt: skip
 
 
 def dry_runs(path: Path) -> dict[str, str]:
     """Each dataset's ``dry_run.md`` redrawn from its ``dry_run.json``."""
     return {d.name: dry_run_table(_json(d / "dry_run.json")) + "\n"
             for d in sorted(path.iterdir()) if (d / "dry_run.json").is_file()}  # fmt: skip
-
-
-def _metrics_checked(row: dict, ks, where: str) -> dict[str, float]:
-    metrics = ranking_metrics(np.asarray(row["ranks"]), ks)
-    for name, value in metrics.items():
-        if not _close(value, row["metrics"][name]):
-            raise ValueError(f"{where}: row {row['name']!r} {name} {row['metrics'][name]} != {value} from "
-                             "its ranks")  # fmt: skip
-    return metrics
 
 
 def _opt(value, spec: str) -> str:
@@ -136,7 +107,7 @@ def demo_tables(path: Path) -> dict[str, str]:
     lines = ["| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | CR | history rows | train rows/s |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        m = _metrics_checked(row, raw["ks"], str(path))
+        m = checked_metrics(row, f"{path}: row {row['name']!r}", raw["ks"])
         lines.append(f"| {row['name']} | {m['HR@10']:.4f} | {m['HR@20']:.4f} | {m['NDCG@10']:.4f} | "
                      f"{m['NDCG@20']:.4f} | {_opt(row['compression'], '.2f')} | "
                      f"{_opt(row['history_rows'], '.1f')} | {_opt(row['rows_per_s'], ',.0f')} |")  # fmt: skip
@@ -168,7 +139,7 @@ def llm_persrec_tables(path: Path) -> dict[str, str]:
     lines = ["| model | HR@10 | HR@20 | NDCG@10 | NDCG@20 | history rows | state KiB / sample |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in raw["rows"]:
-        m = _metrics_checked(row, raw["ks"], str(path))
+        m = checked_metrics(row, f"{path}: row {row['name']!r}", raw["ks"])
         if row.get("ranks_identical_on_off") and row["ranks_cache_off"] != row["ranks"]:
             raise ValueError(f"{path}: row {row['name']!r}: cache on and off ranks differ")
         state = row.get("persrec_state_bytes_per_sample")
@@ -180,11 +151,6 @@ def llm_persrec_tables(path: Path) -> dict[str, str]:
     return {"table": "\n".join(lines) + "\n", "pairs": paired_rows([(p, o) for p in persrec for o in others])}
 
 
-def _checked_benchmarks(path: Path) -> list[dict]:
-    benchmark_table(path)  # raises when a stored statistic differs from its per-round times
-    return _json(path)["benchmarks"]
-
-
 def _ms(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -192,7 +158,7 @@ def _ms(value: float) -> str:
 def persrec_latency_tables(path: Path) -> dict[str, str]:
     """``benches/bench_persrec_latency.py``'s JSON as tables: per model and op, min / median milliseconds of
     each method against history length (from the per-round times), and the state each method keeps."""
-    benches = _checked_benchmarks(path)
+    benches = checked_benchmarks(path)
     lengths = sorted({b["extra_info"]["history_items"] for b in benches})
     head = "| model | op | method | " + " | ".join(f"n = {n:,}" for n in lengths) + " |"
     rule = "|---|---|---|" + "---:|" * len(lengths)
@@ -222,7 +188,7 @@ def lora_table(path: Path) -> str:
     data; samples/s = samples / median step; memory from the bench's separate fresh-process measurement)."""
     lines = ["| plan (packed rows) | mode | trainable params | step min / median (s) | samples/s "
              "| training memory |", "| --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for b in _checked_benchmarks(path):
+    for b in checked_benchmarks(path):
         info, data = b["extra_info"], np.asarray(b["stats"]["data"])
         plan = {"vanilla": "vanilla", "pft-i": "PFT-I", "pft-s": "PFT-S"}[info["plan"]]
         low, mid = data.min(), np.median(data)
@@ -236,7 +202,7 @@ def peers_table(path: Path) -> str:
     """A peer bench's JSON (``benches/bench_peers_*.py``) as one table per group (operation and model): per
     plan and history length, each provider's min / median seconds per round (from the per-round times) and
     its median over patchrec's in the same run (x > 1: slower than patchrec)."""
-    benches = _checked_benchmarks(path)
+    benches = checked_benchmarks(path)
     providers = list(dict.fromkeys(b["extra_info"]["provider"] for b in benches))
     medians: dict[tuple, dict[str, tuple[float, float]]] = {}
     for b in benches:
@@ -306,7 +272,7 @@ def distributed_table(path: Path) -> str:
     logged over its timed steps (the bench records them in ``extra_info``; the per-round times are the whole
     subprocess, start-up included, and are in the ``table`` block)."""
     lines = ["| case | cores used | samples/s | final loss |", "|---|---|---|---|"]
-    for b in _checked_benchmarks(path):
+    for b in checked_benchmarks(path):
         info = b["extra_info"]
         cores = info["processes"] * info["threads_per_process"]
         lines.append(f"| {info['case']} | {cores} | {info['samples_per_s']:.1f} | {info['final_loss']:.6f} |")
@@ -323,8 +289,9 @@ def baselines_table(path: Path) -> str:
     for label in ("unmasked", "masked"):
         for run in sorted((d for d in path.iterdir() if d.is_dir()), key=lambda d: list(names).index(d.name)):
             file = run / f"results_{label}.json"
-            m = checked_ranks(file)
-            wall = f"{_json(file)['wall_seconds']:.0f} s" if label == "unmasked" else ""  # one run gives both
+            raw = _json(file)
+            m = checked_metrics(raw, str(file), raw["ks"])
+            wall = f"{raw['wall_seconds']:.0f} s" if label == "unmasked" else ""  # one run gives both
             lines.append(f"| {names[run.name]} | {label} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | "
                          f"{m['HR@20']:.4f} | {m['NDCG@20']:.4f} | {wall} |")  # fmt: skip
     return "\n".join(lines) + "\n"

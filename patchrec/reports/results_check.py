@@ -47,8 +47,7 @@ from patchrec.reports.recorded_tables import (
     peers_table,
     persrec_latency_tables,
     profile_table,
-    reproduce_pairs,
-    reproduce_summary,
+    reproduce_tables,
     train_step_ratios,
 )
 from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
@@ -103,41 +102,17 @@ def _serve(path: Path) -> dict[str, str]:
     return {"table": table, "ratios": ratios, "summary": table + "\n" + ratios}
 
 
-def _serve_command(path: Path) -> str | None:
-    return _json(path / "serve.json").get("command") if (path / "serve.json").is_file() else None
-
-
 def _file_command(name: str) -> Callable[[Path], str | None]:
     return lambda path: _json(path / name).get("command") if (path / name).is_file() else None
 
 
-def _benchmark(path: Path) -> dict[str, str]:
-    blocks = {"table": benchmark_table(path)}
-    if path.name == "cpu.json":
-        blocks["train_step_ratios"] = train_step_ratios(path)
-    if path.name.startswith("distributed-"):
-        blocks["samples_per_s"] = distributed_table(path)
-    return blocks
+def _benchmark(*extra: tuple[str, Callable[[Path], str]]) -> Callable[[Path], dict[str, str]]:
+    """A pytest-benchmark JSON's renderer: its per-round table and a block per (name, table) in ``extra``."""
+    return lambda path: {"table": benchmark_table(path)} | {name: table(path) for name, table in extra}
 
 
 def _bench_report(path: Path) -> dict[str, str]:
     return {"report": bench_report(path, path.parent / "cpu.json")}
-
-
-def _reproduce(path: Path) -> dict[str, str]:
-    return {"summary": reproduce_summary(path), "pairs": reproduce_pairs(path)}
-
-
-def _dry_runs(path: Path) -> dict[str, str]:
-    return dry_runs(path)
-
-
-def _persrec_latency(path: Path) -> dict[str, str]:
-    return persrec_latency_tables(path)
-
-
-def _lora(path: Path) -> dict[str, str]:
-    return {"table": benchmark_table(path), "lora": lora_table(path)}
 
 
 def _llm_persrec(path: Path) -> dict[str, str]:
@@ -172,22 +147,21 @@ def _demo(path: Path) -> dict[str, str]:
     return blocks | {"summary": blocks["table"] + "\n" + blocks["pairs"]}
 
 
-# pytest-benchmark JSON files: the table of each recomputed from its per-round times
-BENCHMARK_FILES = ("cpu.json", "distributed-cpu.json", "distributed-cpu-rerun.json")
-
 RESULTS: dict[str, Result] = {
     r.name: r
     for r in (
-        *(Result(name, _benchmark, {}, benchmark_command) for name in BENCHMARK_FILES),
+        Result("cpu.json", _benchmark(("train_step_ratios", train_step_ratios)), {}, benchmark_command),
+        *(Result(name, _benchmark(("samples_per_s", distributed_table)), {}, benchmark_command)
+          for name in ("distributed-cpu.json", "distributed-cpu-rerun.json")),  # fmt: skip
         Result("cpu-report", _bench_report, {"report.md": "report"},
                lambda path: benchmark_command(path.parent / "cpu.json")),  # fmt: skip
-        Result("reproduce-ml-100k-smollm2-cpu", _reproduce, {"summary.md": "summary"},
+        Result("reproduce-ml-100k-smollm2-cpu", reproduce_tables, {"summary.md": "summary"},
                _file_command("summary.json")),  # fmt: skip
-        Result("reproduce-dry-run", _dry_runs,
+        Result("reproduce-dry-run", dry_runs,
                {f"{d}/dry_run.md": d for d in ("goodreads", "ml-100k", "ml-1m")},
                lambda path: _json(path / "ml-1m" / "dry_run.json").get("command")),  # fmt: skip
-        Result("lora-smollm2-cpu.json", _lora, {}, benchmark_command),
-        Result("persrec-latency-cpu.json", _persrec_latency, {}, benchmark_command),
+        Result("lora-smollm2-cpu.json", _benchmark(("lora", lora_table)), {}, benchmark_command),
+        Result("persrec-latency-cpu.json", persrec_latency_tables, {}, benchmark_command),
         Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
         Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
         Result("baselines-ml100k", _baselines, {}, _commands_txt),
@@ -195,7 +169,7 @@ RESULTS: dict[str, Result] = {
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
         Result("persrec-horizon-ml1m", _horizon, {"summary.md": "table"}, _summary_command),
-        Result("serve-cpu", _serve, {"summary.md": "summary"}, _serve_command),
+        Result("serve-cpu", _serve, {"summary.md": "summary"}, _file_command("serve.json")),
     )
 }
 
