@@ -59,13 +59,18 @@ def _quoted_row(raw):
     raw["rows"][0]["ranks"][0] += 25  # a rank change moves the quoted table
 
 
+def _plan_memory(raw):
+    raw["cases"][0]["measured"]["memory_peak"]["activation"] += 2**20  # the total no longer adds up
+
+
 @pytest.mark.parametrize(
     "relative,change,word",
     [("lora-smollm2-cpu.json", _round_time, "per-round times"),
      ("demo-cpu/results.json", _demo_metric, "NDCG@10"),
      ("reproduce-ml-100k-smollm2-cpu/summary.json", _reproduce_metric, "HR@20"),
-     ("persrec-llm-demo/results.json", _quoted_row, "persrec-llm-demo")],
-    ids=["benchmark-json", "demo", "reproduce", "llm-demo-docs-quote"],
+     ("persrec-llm-demo/results.json", _quoted_row, "persrec-llm-demo"),
+     ("gpu-plan-check-cpu.json", _plan_memory, "per-category sums")],
+    ids=["benchmark-json", "demo", "reproduce", "llm-demo-docs-quote", "gpu-plan-check"],
 )  # fmt: skip
 def test_each_kind_of_result_catches_tampering(tmp_path, relative, change, word):
     # Only the tampered result is copied (the others are then reported missing, which names none of the words)

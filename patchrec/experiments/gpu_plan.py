@@ -29,9 +29,15 @@ How each figure is made:
   tensor-core peak and HBM bandwidth (``ACCELERATORS``, with their sources): a lower bound; no kernel
   launch, synchronisation or Python overhead is added.
 - Memory (training, mixed precision as ``patchrec train`` runs on CUDA): fp32 master weights, fp32
-  gradients and AdamW's two fp32 moments (4 + 4 + 8 bytes per parameter), the bf16 weight copies autocast
-  keeps for backward (2), and the activations autograd saves for backward in the largest micro-batch (each
-  storage counted once; temporaries inside one op and the logits' transient buffers are not counted).
+  gradients and AdamW's two fp32 moments (4 + 4 + 8 bytes per parameter) and the bf16 weight copies autocast
+  keeps for backward (2); the activations autograd saves for backward in the largest micro-batch (each
+  storage counted once); foreach AdamW's one fp32 temporary per parameter (4). The peak: the weights, copies
+  and moments throughout, plus the larger of the backward (activations, and the gradients when earlier
+  micro-batches have summed some: the first creates them as it frees activations, a later one also holds
+  the incoming fp32 gradient of the largest parameter until it is added in) and the optimizer step
+  (gradients and the temporary). Temporaries inside one op and the logits' transient buffers are not
+  counted. ``trace_train(..., dtype=torch.float32)`` gives the same for an fp32 run (the weights are the
+  master copy, no bf16 copies), which ``patchrec.experiments.gpu_plan_check`` measures on a CPU.
   Evaluation: the bf16 weights, the prompts' K/V cache, the beams' K/V cache at the last step.
 """
 
@@ -76,9 +82,14 @@ ACCELERATORS = {
                         "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOPS bf16 dense (624 with sparsity), "
                         "2,039 GB/s HBM2e (80GB SXM4)"),
 }  # fmt: skip
-# Training memory per parameter (mixed precision): master weights, gradients, AdamW's two moments, the bf16
-# copies autocast keeps for backward.
+# Training memory per parameter that lives through the step: mixed precision (bf16 compute, as on CUDA):
+# fp32 master weights, gradients, AdamW's two moments, the bf16 copies autocast keeps for backward; fp32 (as
+# on CPU): the weights themselves are the master copy.
 TRAIN_BYTES_PER_PARAM = {"master_fp32": 4, "grad_fp32": 4, "adamw_fp32": 8, "autocast_bf16": 2}
+FP32_BYTES_PER_PARAM = {"master_fp32": 4, "grad_fp32": 4, "adamw_fp32": 8}
+# foreach AdamW's step holds one fp32 temporary per parameter (the sqrt of the second moments of all tensors
+# at once) while no activation is alive (see trace_train's peak).
+ADAMW_TEMPORARY_BYTES = 4
 ATTENTION_OPS = ("patchrec.varlen_attention", "patchrec.varlen_attention_backward")
 PLANS = ("vanilla", "pft-i", "pft-s")
 NO_COPY_OPS = ("aten._unsafe_view", "aten.lift_fresh")  # reshapes / wraps without moving data
@@ -203,12 +214,14 @@ class SavedBytes:
         self.hooks.__exit__(*exc)
 
 
-def meta_decoder(config: PretrainedConfig, vocab_size: int) -> PackedDecoder:
-    """The config's family with its vocabulary grown to ``vocab_size``, on the meta device in bf16."""
+def meta_decoder(
+    config: PretrainedConfig, vocab_size: int, dtype: torch.dtype = torch.bfloat16
+) -> PackedDecoder:
+    """The config's family with its vocabulary grown to ``vocab_size``, on the meta device in ``dtype``."""
     config = copy.deepcopy(config)
     config.vocab_size = max(int(config.vocab_size), vocab_size)
     with torch.device("meta"):
-        lm = causal_lm_class(config)(config).to(torch.bfloat16)
+        lm = causal_lm_class(config)(config).to(dtype)
     return PackedDecoder(lm)
 
 
@@ -234,8 +247,30 @@ def train_batches(samples: Samples, tokens: TokenizedDataset, settings: StepSett
 def project_train(config: PretrainedConfig, tokens: TokenizedDataset, samples: Samples,
                   settings: StepSettings) -> dict[str, Any]:  # fmt: skip
     """One training step traced on meta: its figures (see the module docstring)."""
-    model = meta_decoder(config, tokens.vocab_size).train()
-    batches = train_batches(samples, tokens, settings)
+    return trace_train(config, tokens.vocab_size, train_batches(samples, tokens, settings))
+
+
+def projected_peak(memory: dict[str, int], micro_batches: int) -> int:
+    """A training step's peak from ``trace_train``'s components. The weights (and bf16 copies) and AdamW's
+    moments live throughout; on top, the larger of the backward (the saved activations, plus the gradients
+    when earlier micro-batches have summed some: the first micro-batch creates them as it frees
+    activations; a later one also holds the incoming gradient of the largest parameter until it is added
+    in) and the optimizer step (the gradients and AdamW's temporary). Measured on CPU:
+    ``patchrec.experiments.gpu_plan_check``."""
+    grads, activations, temporary = memory["grad_fp32"], memory["activations"], memory["adamw_temporary"]
+    incoming = memory.get("grad_accumulation", 0)
+    lasting = sum(memory.values()) - grads - activations - temporary - incoming
+    summed = grads + incoming if micro_batches > 1 else 0
+    return lasting + max(activations + summed, grads + temporary)
+
+
+def trace_train(config: PretrainedConfig, vocab_size: int, batches: list[PackedBatch],
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:  # fmt: skip
+    """One optimizer step over ``batches`` traced on meta, computing in ``dtype``: bf16 is mixed precision
+    (fp32 master weights, bf16 copies), fp32 the weights themselves (how a CPU run trains)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    model = meta_decoder(config, vocab_size, dtype).train()
     costs, activations = OpCosts(), 0
     with costs:
         for batch in batches:
@@ -246,7 +281,7 @@ def project_train(config: PretrainedConfig, tokens: TokenizedDataset, samples: S
             activations = max(activations, saved.total)
             del out
         costs.attention_scale = Fraction(1)
-    master = copy.deepcopy(model).float()  # AdamW steps the fp32 master weights
+    master = copy.deepcopy(model).float()  # AdamW steps fp32 weights
     for p, q in zip(master.parameters(), model.parameters(), strict=True):
         p.grad = torch.empty_like(p) if q.grad is not None else None
     optimizer = make_adamw(param_groups(master, 0.0)[0], lr=1e-5)
@@ -254,13 +289,18 @@ def project_train(config: PretrainedConfig, tokens: TokenizedDataset, samples: S
     with costs:
         optimizer.step()
     params = sum(p.numel() for p in model.parameters())
-    memory = {name: params * size for name, size in TRAIN_BYTES_PER_PARAM.items()}
+    per_param = TRAIN_BYTES_PER_PARAM if dtype == torch.bfloat16 else FP32_BYTES_PER_PARAM
+    memory = {name: params * size for name, size in per_param.items()}
     memory["activations"] = activations
+    memory["adamw_temporary"] = params * ADAMW_TEMPORARY_BYTES
+    largest = max(p.numel() for p in model.parameters())
+    memory["grad_accumulation"] = 4 * largest if len(batches) > 1 else 0
     rows = sum(b.num_rows for b in batches)
     return {"step": "train", "micro_batches": len(batches), "rows": rows, "params": params,
-            "sequences": sum(b.num_sequences for b in batches),
+            "sequences": sum(b.num_sequences for b in batches), "dtype": str(dtype).removeprefix("torch."),
             "labels": sum(int(b.label_rows.numel()) for b in batches), **costs.totals(), "memory": memory,
-            "memory_total": sum(memory.values()), "ops": _op_table(costs)}  # fmt: skip
+            "memory_total": projected_peak(memory, len(batches)),
+            "ops": _op_table(costs)}  # fmt: skip
 
 
 def project_eval(config: PretrainedConfig, tokens: TokenizedDataset, samples: Samples,
@@ -331,7 +371,7 @@ def format_projection(results: list[dict[str, Any]], top: int = 5) -> str:
         lines.append(f"  FLOPs {r['flops'] / 1e12:.3f} T ({r['flops'] / per / 1e9:.1f} G per sequence), "
                      f"bytes moved {r['bytes'] / 1e9:.2f} GB")  # fmt: skip
         lines.append("  memory " + ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in r["memory"].items())
-                     + f" = {r['memory_total'] / 2**20:,.1f} MiB")  # fmt: skip
+                     + f" MiB; peak {r['memory_total'] / 2**20:,.1f} MiB")  # fmt: skip
         for key, sec in r["seconds"].items():
             lines.append(f"  roofline {key}: {sec * 1e3:.2f} ms ({sec / per * 1e3:.3f} ms per sequence)")
         for name, op in list(r["ops"].items())[:top]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from patchrec.eval.paired import paired_difference, per_sample
+from patchrec.experiments.gpu_plan import projected_peak
 from patchrec.experiments.reproduce_report import dry_run_table, summary_table
 from patchrec.reports.bench_report import load_records, provider_ratios, write_report
 from patchrec.reports.persrec_tables import checked_metrics
@@ -231,6 +232,30 @@ def peers_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def compression_table(path: Path) -> str:
+    """Does compression pay in proportion? From a training peer bench's JSON: per model and history length,
+    patchrec's packed rows and median step of vanilla over PFT-I / PFT-S, and the step ratio over the row
+    ratio (1: the step falls as fast as the rows; the efficiency issue asks >= 0.9 on real shapes)."""
+    rows: dict[tuple, dict[str, tuple[int, float]]] = {}
+    for b in checked_benchmarks(path):
+        info = b["extra_info"]
+        if info["provider"] == "patchrec":
+            key = (info["model"], info["L"])
+            step = float(np.median(b["stats"]["data"]))
+            rows.setdefault(key, {})[info["plan"]] = (info["packed_rows"], step)
+    lines = ["| model | L | plan | packed rows | vanilla / plan rows | median step (s) | vanilla / plan step "
+             "| step ratio / row ratio |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (model, length), plans in rows.items():
+        if "vanilla" not in plans:
+            continue
+        base_rows, base_step = plans["vanilla"]
+        for plan, (count, step) in plans.items():
+            row_ratio, step_ratio = base_rows / count, base_step / step
+            lines.append(f"| {model} | {length} | {plan} | {count:,} | {row_ratio:.2f} | {step:.3f} | "
+                         f"{step_ratio:.2f} | {step_ratio / row_ratio:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def profile_table(path: Path) -> str:
     """``benches/profile_step.py``'s JSON: per configuration of the tiny training step, min / median step
     seconds (from its per-step times) and the profiled step split into the fixed cost (the ops on V-row
@@ -294,4 +319,37 @@ def baselines_table(path: Path) -> str:
             wall = f"{raw['wall_seconds']:.0f} s" if label == "unmasked" else ""  # one run gives both
             lines.append(f"| {names[run.name]} | {label} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | "
                          f"{m['HR@20']:.4f} | {m['NDCG@20']:.4f} | {wall} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def gpu_plan_check_table(path: Path) -> str:
+    """``benches/gpu_plan_check.py``'s JSON: per case the projected and measured FLOPs and peak memory. The
+    totals and ratios are recomputed from the per-op FLOPs, the measured peak's categories and the projected
+    memory components (``gpu_plan.projected_peak``); a case outside the check is marked, not hidden."""
+    record = _json(path)
+    lines = ["| model | plan | L | micro-batches | rows | projected TFLOP | measured / projected FLOPs | ops "
+             "only the trace counts | projected peak MiB | measured peak MiB | measured / projected |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for case in record["cases"]:
+        proj, meas = case["projected"], case["measured"]
+        name = f"{path}: {case['model']} {case['plan']} L={case['L']} max_rows={case['max_rows']}"
+        peak = {k: v for k, v in meas["memory_peak"].items() if k != "total"}
+        total = projected_peak(proj["memory"], case["micro_batches"])
+        sums = (sum(proj["flops_by_op"].values()), sum(meas["flops_by_op"].values()), sum(peak.values()))
+        stored = (proj["flops"], meas["flops"], meas["memory_peak"]["total"])
+        if sums != stored or total != proj["memory_total"]:
+            raise ValueError(f"{name}: stored totals differ from their per-op / per-category sums")
+        common = set(proj["flops_by_op"]) & set(meas["flops_by_op"])
+        equal = all(proj["flops_by_op"][op] == meas["flops_by_op"][op] for op in common)
+        only = sorted(set(proj["flops_by_op"]) - common)
+        if set(meas["flops_by_op"]) - common:
+            raise ValueError(f"{name}: the measured step counts ops the trace does not")
+        ratio = sum(peak.values()) / total
+        fits = equal and abs(ratio - 1) <= record["tolerance"]
+        lines.append(f"| {case['model']} | {case['plan']} | {case['L']} | {case['micro_batches']} | "
+                     f"{case['rows']:,} | {proj['flops'] / 1e12:.4f} | {meas['flops'] / proj['flops']:.6f}"
+                     f"{'' if equal else ' (ops differ)'} | "
+                     f"{', '.join(o.removeprefix('patchrec.') for o in only)}"
+                     f" | {total / 2**20:,.1f} | {sum(peak.values()) / 2**20:,.1f} | {ratio:.3f}"
+                     f"{'' if fits else ' (outside the check)'} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -39,9 +39,11 @@ from patchrec.reports.recorded_tables import (
     bench_report,
     benchmark_command,
     benchmark_table,
+    compression_table,
     demo_tables,
     distributed_table,
     dry_runs,
+    gpu_plan_check_table,
     llm_persrec_tables,
     lora_table,
     peers_table,
@@ -122,6 +124,8 @@ def _llm_persrec(path: Path) -> dict[str, str]:
 def _efficiency(path: Path) -> dict[str, str]:
     blocks = {part: peers_table(path / f"peers_{part}.json") for part in ("train", "prefill", "beam")
               if (path / f"peers_{part}.json").is_file()}  # fmt: skip
+    if (path / "peers_train.json").is_file():
+        blocks["compression"] = compression_table(path / "peers_train.json")
     if (path / "profile-tiny-step.json").is_file():
         blocks["profile"] = profile_table(path / "profile-tiny-step.json")
     if not blocks:
@@ -170,6 +174,8 @@ RESULTS: dict[str, Result] = {
         Result("persrec-staleness-ml1m", _staleness, {"summary.md": "table"}, _summary_command),
         Result("persrec-horizon-ml1m", _horizon, {"summary.md": "table"}, _summary_command),
         Result("serve-cpu", _serve, {"summary.md": "summary"}, _file_command("serve.json")),
+        Result("gpu-plan-check-cpu.json", lambda path: {"table": gpu_plan_check_table(path)}, {},
+               lambda path: _json(path).get("command")),  # fmt: skip
     )
 }
 
