@@ -168,6 +168,7 @@ RESULTS: dict[str, Result] = {
         Result("persrec-latency-cpu.json", persrec_latency_tables, {}, benchmark_command),
         Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
         Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
+        Result("efficiency-smollm2", _efficiency, {}, _run_txt_command),
         Result("baselines-ml100k", _baselines, {}, _commands_txt),
         Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
