@@ -7,10 +7,14 @@ last one as the prompt (vanilla plan: the plan only changes the prompt's share),
 Providers: ``per-title`` (``score_titles(..., shared_prefixes=False)``) and ``prefix-tree`` (the default);
 their scores are checked equal (fp32 rounding) before timing.
 
-``extra_info``: per round, seconds in ``encode_prompts`` (prompt), ``forward_continuations`` (catalog rows
-through the decoder body: attention to the cached prompt and within titles, MLPs) and ``token_logprobs`` /
-``pair_logprobs`` (the output head and log-softmax on the catalog rows), measured by wrapping those
-functions during the timed rounds; the rows of each part; the model; load average before and after.
+``extra_info``: ``split_per_round``, per timed round the seconds in ``encode_prompts`` (prompt),
+``forward_continuations`` (catalog rows through the decoder body: attention to the cached prompt and within
+titles, MLPs) and ``token_logprobs`` / ``pair_logprobs`` (the output head and log-softmax on the catalog
+rows), measured by wrapping those functions; the rows of each part; the model; load average before and
+after. ``patchrec results check`` renders the split from these rounds.
+
+    PATCHREC_PEER_ROUNDS=5 python -m pytest benches/bench_exact_split.py -p no:cacheprovider \
+        --benchmark-json=benches/results/exact-split-cpu.json
 """
 
 from __future__ import annotations
@@ -80,15 +84,22 @@ def test_exact_split(benchmark, model, layout, monkeypatch):
     else:
         score(False)  # warm-up
     timed = Timed(monkeypatch)
+    split: list[dict[str, float]] = []  # per round: seconds in each part (the raw data of the split)
+
+    def one_round():
+        start = dict(timed.seconds)
+        out = score(shared)
+        split.append({part: timed.seconds[part] - start[part] for part in timed.seconds})
+        return out
+
     benchmark.group = f"exact_split-{model}"
-    benchmark.pedantic(lambda: score(shared), rounds=ROUNDS, warmup_rounds=0, iterations=1)
-    rounds = benchmark.stats.stats.rounds if benchmark.stats is not None else 1
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
     catalog_rows = len(tree) if LAYOUTS[layout] else int(catalog.lengths.sum())
     benchmark.extra_info.update(
         provider=layout, plan="vanilla", L=LENGTH, data=DATA, users=1, distinct_titles=len(catalog),
         prompt_rows=batch.num_rows, catalog_rows=catalog_rows, head_rows=catalog_rows,
         median_s=measured_seconds(benchmark), min_s=measured_seconds(benchmark, "min"),
-        **{f"{part}_s": seconds / rounds for part, seconds in timed.seconds.items()}, **setup.info(),
+        split_per_round=split, **setup.info(),
         load_average_before=before["load_average_1min"],
         load_average_after=machine_info()["load_average_1min"], cores=before["cores"],
         threads=before["threads"],

@@ -256,6 +256,28 @@ def compression_table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exact_split_table(path: Path) -> str:
+    """``benches/bench_exact_split.py``'s JSON: per model and layout, the catalog rows, the median round and
+    the median seconds of each part over the rounds (prompt, catalog rows through the body, the head on
+    them), with each part's share of the round; the parts' rounds must match the timed rounds."""
+    lines = ["| model | layout | catalog rows | round min / median (s) | prompt (s) | catalog body (s) "
+             "| catalog head (s) | other (s) |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for b in checked_benchmarks(path):
+        info, data = b["extra_info"], np.asarray(b["stats"]["data"])
+        split = info["split_per_round"]
+        if len(split) != len(data):
+            raise ValueError(f"{path}: {b['fullname']}: {len(split)} split rounds for {len(data)} "
+                             "timed ones")
+        mid = float(np.median(data))
+        parts = {p: float(np.median([r[p] for r in split]))
+                 for p in ("prompt", "catalog_body", "catalog_head")}  # fmt: skip
+        other = float(np.median([t - sum(r.values()) for t, r in zip(data, split, strict=True)]))
+        cells = " | ".join(f"{v:.3f} ({v / mid:.0%})" for v in parts.values())
+        lines.append(f"| {info['model']} | {info['provider']} | {info['catalog_rows']:,} | "
+                     f"{data.min():.3f} / {mid:.3f} | {cells} | {other:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def profile_table(path: Path) -> str:
     """``benches/profile_step.py``'s JSON: per configuration of the tiny training step, min / median step
     seconds (from its per-step times) and the profiled step split into the fixed cost (the ops on V-row
