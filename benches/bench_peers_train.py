@@ -42,13 +42,14 @@ if available():
 import authors  # noqa: E402
 
 from patchrec.data.dataset import make_samples  # noqa: E402
+from patchrec.train.config import TrainConfig  # noqa: E402
 from patchrec.train.parallel import make_adamw, param_groups  # noqa: E402
 
 BATCH = int(os.environ.get("PATCHREC_PEER_BATCH", 4))
 ROUNDS = int(os.environ.get("PATCHREC_PEER_ROUNDS", 5))
 LENGTHS = [20, 50, 100]
 PROVIDERS = ["patchrec", "hf-packed", "hf-padded", "hf-naive", "authors-loop"]
-GRAD_CLIP = 0.3  # the training loop's default
+GRAD_CLIP = TrainConfig.grad_clip  # the training loop's default
 
 
 @functools.lru_cache(maxsize=4)

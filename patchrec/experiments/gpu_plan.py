@@ -258,7 +258,7 @@ def projected_peak(memory: dict[str, int], micro_batches: int) -> int:
     in) and the optimizer step (the gradients and AdamW's temporary). Measured on CPU:
     ``patchrec.experiments.gpu_plan_check``."""
     grads, activations, temporary = memory["grad_fp32"], memory["activations"], memory["adamw_temporary"]
-    incoming = memory.get("grad_accumulation", 0)
+    incoming = memory["grad_accumulation"]
     lasting = sum(memory.values()) - grads - activations - temporary - incoming
     summed = grads + incoming if micro_batches > 1 else 0
     return lasting + max(activations + summed, grads + temporary)

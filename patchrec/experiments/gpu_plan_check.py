@@ -10,7 +10,8 @@ traced on the meta device in fp32.
   is reported apart, a few parts per million of the step.
 - Memory: torch.profiler's memory timeline of the real step (every CPU allocation, categorised by torch as
   parameter, optimizer state, gradient, activation, temporary ...) at its peak, against the trace's peak
-  (weights, gradients and AdamW's moments, plus the larger of the saved activations and AdamW's temporary).
+  (``gpu_plan.projected_peak``: weights and AdamW's moments, plus the larger of the backward and the
+  optimizer step).
   The trace leaves out temporaries inside an op and the logits' transient buffers, so the measured peak may
   be a little higher; the check allows ``MEMORY_TOLERANCE``.
 """
@@ -30,10 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from patchrec.batching.pack import PackedBatch
 from patchrec.experiments.gpu_plan import trace_train
 from patchrec.model.decoder import PackedDecoder
+from patchrec.train.config import TrainConfig
 from patchrec.train.parallel import make_adamw, param_groups
 
 MEMORY_TOLERANCE = 0.15  # |measured peak / projected peak - 1| the check accepts
-GRAD_CLIP = 0.3  # patchrec train's default clipping (it is part of the measured step)
 # The columns of torch.profiler's memory timeline JSON after its leading zero column, in torch's order
 # (torch.profiler._memory_profiler._CATEGORY_TO_COLORS); "unknown" is memory torch could not categorise.
 TIMELINE_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient",
@@ -44,7 +45,7 @@ def _step(model: PackedDecoder, batches: list[PackedBatch], optimizer: torch.opt
     """One optimizer step over the micro-batches, as patchrec train runs it (gradients summed)."""
     for batch in batches:
         model(batch).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), TrainConfig.grad_clip)  # patchrec train's default
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -95,21 +96,25 @@ def check_train_step(model: PackedDecoder, batches: list[PackedBatch]) -> dict[s
     ``MEMORY_TOLERANCE``?). ``model`` must be fp32 on the CPU; its weights are stepped."""
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("check_train_step compares an fp32 run with the fp32 trace: give an fp32 model")
-    projected = trace_train(model.config, model.vocab_size, batches, torch.float32)
-    measured = measure_train_step(model, batches)
+    traced = trace_train(model.config, model.vocab_size, batches, torch.float32)
+    step = measure_train_step(model, batches)
+    projected = {"flops": traced["flops"], "memory": traced["memory"], "memory_total": traced["memory_total"],
+                 "flops_by_op": {name: op["flops"] for name, op in traced["ops"].items() if op["flops"]}}
+    measured = {key: step[key] for key in ("flops", "flops_by_op", "memory_peak")}
+    return {"rows": traced["rows"], "labels": traced["labels"], "params": step["params"],
+            "projected": projected, "measured": measured, **compare(projected, measured)}  # fmt: skip
+
+
+def compare(projected: dict[str, Any], measured: dict[str, Any],
+            tolerance: float = MEMORY_TOLERANCE) -> dict[str, Any]:  # fmt: skip
+    """The verdict on one case from its projected (``flops``, ``flops_by_op``, ``memory_total``) and measured
+    (``flops``, ``flops_by_op``, ``memory_peak``) figures: FLOPs equal on every op both count, the ops only
+    one side counts, and the ratios of the totals and of the peaks."""
+    traced, counted = projected["flops_by_op"], measured["flops_by_op"]
+    common = set(traced) & set(counted)
     ratio = measured["memory_peak"]["total"] / projected["memory_total"]
-    traced = {name: op["flops"] for name, op in projected["ops"].items() if op["flops"]}
-    counted = measured["flops_by_op"]
-    common = sorted(set(traced) & set(counted))
-    return {
-        "rows": projected["rows"], "labels": projected["labels"], "params": measured["params"],
-        "projected": {"flops": projected["flops"], "flops_by_op": traced, "memory": projected["memory"],
-                      "memory_total": projected["memory_total"]},
-        "measured": {"flops": measured["flops"], "flops_by_op": counted,
-                     "memory_peak": measured["memory_peak"]},
-        "flops_equal_on_common_ops": all(traced[n] == counted[n] for n in common),
-        "flops_only_projected": {n: traced[n] for n in set(traced) - set(counted)},
-        "flops_only_measured": {n: counted[n] for n in set(counted) - set(traced)},
-        "flops_ratio": measured["flops"] / projected["flops"], "memory_ratio": ratio,
-        "memory_within_tolerance": abs(ratio - 1) <= MEMORY_TOLERANCE,
-    }  # fmt: skip
+    return {"flops_equal_on_common_ops": all(traced[n] == counted[n] for n in common),
+            "flops_only_projected": {n: traced[n] for n in sorted(set(traced) - common)},
+            "flops_only_measured": {n: counted[n] for n in sorted(set(counted) - common)},
+            "flops_ratio": measured["flops"] / projected["flops"], "memory_ratio": ratio,
+            "memory_within_tolerance": abs(ratio - 1) <= tolerance}  # fmt: skip

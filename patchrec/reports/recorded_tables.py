@@ -14,6 +14,7 @@ import numpy as np
 
 from patchrec.eval.paired import paired_difference, per_sample
 from patchrec.experiments.gpu_plan import projected_peak
+from patchrec.experiments.gpu_plan_check import compare
 from patchrec.experiments.reproduce_report import dry_run_table, summary_table
 from patchrec.reports.bench_report import load_records, provider_ratios, write_report
 from patchrec.reports.persrec_tables import checked_metrics
@@ -361,17 +362,17 @@ def gpu_plan_check_table(path: Path) -> str:
         stored = (proj["flops"], meas["flops"], meas["memory_peak"]["total"])
         if sums != stored or total != proj["memory_total"]:
             raise ValueError(f"{name}: stored totals differ from their per-op / per-category sums")
-        common = set(proj["flops_by_op"]) & set(meas["flops_by_op"])
-        equal = all(proj["flops_by_op"][op] == meas["flops_by_op"][op] for op in common)
-        only = sorted(set(proj["flops_by_op"]) - common)
-        if set(meas["flops_by_op"]) - common:
+        verdict = compare(proj, meas, record["tolerance"])
+        if verdict["flops_only_measured"]:
             raise ValueError(f"{name}: the measured step counts ops the trace does not")
-        ratio = sum(peak.values()) / total
-        fits = equal and abs(ratio - 1) <= record["tolerance"]
+        if any(case[key] != value for key, value in verdict.items()):
+            raise ValueError(f"{name}: the stored verdict differs from the one recomputed from its figures")
+        equal = verdict["flops_equal_on_common_ops"]
+        fits = equal and verdict["memory_within_tolerance"]
+        only = ", ".join(o.removeprefix("patchrec.") for o in verdict["flops_only_projected"])
         lines.append(f"| {case['model']} | {case['plan']} | {case['L']} | {case['micro_batches']} | "
-                     f"{case['rows']:,} | {proj['flops'] / 1e12:.4f} | {meas['flops'] / proj['flops']:.6f}"
-                     f"{'' if equal else ' (ops differ)'} | "
-                     f"{', '.join(o.removeprefix('patchrec.') for o in only)}"
-                     f" | {total / 2**20:,.1f} | {sum(peak.values()) / 2**20:,.1f} | {ratio:.3f}"
+                     f"{case['rows']:,} | {proj['flops'] / 1e12:.4f} | {verdict['flops_ratio']:.6f}"
+                     f"{'' if equal else ' (ops differ)'} | {only} | {total / 2**20:,.1f} | "
+                     f"{sum(peak.values()) / 2**20:,.1f} | {verdict['memory_ratio']:.3f}"
                      f"{'' if fits else ' (outside the check)'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
