@@ -1,8 +1,9 @@
 """Bench setup.
 
 Unlike tests/, benches never turn on the Triton interpreter: it checks kernel logic and is far too slow to
-time. On a CPU-only machine the ops therefore run their pure-PyTorch references (what ``backend="auto"``
-picks there), and the Triton providers of bench_patch_embed skip without CUDA.
+time. On a CPU-only machine ``patch_embed`` therefore runs its pure-PyTorch reference and attention its CPU
+backend (what ``backend="auto"`` picks there); the Triton providers of bench_patch_embed skip without
+CUDA.
 """
 
 import os

@@ -2,7 +2,8 @@
 
 The package knows tensors, not recommendation. Ops:
 - ``patch_embed``: fused two-level ragged mean of embedding rows (text tokens, item patches, session patches).
-- ``varlen_attention``: causal attention over packed sequences (flash-attn | torch varlen | reference).
+- ``varlen_attention``: causal attention over packed sequences (flash-attn | torch varlen | CPU flash |
+  reference).
 
 ``python -m patchrec_kernels.compile_report`` compiles every Triton kernel for sm_80 / sm_90 without a GPU.
 """

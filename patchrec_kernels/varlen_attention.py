@@ -5,8 +5,11 @@ Backends, in the order ``backend="auto"`` tries them:
   head_dim <= 256).
 - ``"torch"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA sm80+, fp16/bf16, head_dim <= 256), when the
   installed torch has it; with ``return_lse`` only when that torch can return the log-sum-exp.
+- ``"cpu"``: torch's fused CPU flash-attention kernel over groups of equal-length sequences
+  (``patchrec_kernels.varlen_attention_cpu``; CPU tensors, fp32/bf16/fp16): the fast path on a CPU.
 - ``"reference"``: ``patchrec_kernels.reference.varlen_attention`` (any device, any float dtype), run as
-  the ``patchrec::varlen_attention`` custom op (``patchrec_kernels.varlen_ops``).
+  the ``patchrec::varlen_attention`` custom op (``patchrec_kernels.varlen_ops``): the ground truth every
+  other backend is tested against, and what float64 (gradient checks) and meta tensors (shape tracing) get.
 
 All backends share one contract (see ``varlen_attention``): bottom-right causal alignment, the same GQA
 head mapping, and the same token-major lse layout, so that partial results from different backends can be
@@ -25,11 +28,13 @@ import torch.nn.functional as F
 
 from patchrec_kernels import runtime
 from patchrec_kernels.runtime import validation_enabled
+from patchrec_kernels.varlen_attention_cpu import DTYPES as CPU_DTYPES
+from patchrec_kernels.varlen_attention_cpu import varlen_attention_cpu_op
 from patchrec_kernels.varlen_ops import varlen_attention_op
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch", "reference")
+BACKENDS = ("flash_attn", "torch", "cpu", "reference")
 
 # Flash kernels (both the flash-attn package and torch's vendored copy) only handle these.
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -97,6 +102,15 @@ def _cuda_problem(q: torch.Tensor) -> str | None:
     return None
 
 
+def _cpu_problem(q: torch.Tensor) -> str | None:
+    """Why the CPU kernel cannot take ``q``, or None. Split out so tests can fake a GPU."""
+    if q.device.type != "cpu":
+        return f"needs a CPU tensor, got device {q.device}"
+    if q.dtype not in CPU_DTYPES:
+        return f"needs fp32/bf16/fp16, got {q.dtype} (float64 runs on the reference)"
+    return None
+
+
 def _fused_problem(q: torch.Tensor) -> str | None:
     if q.dtype not in _FUSED_DTYPES:
         return f"needs fp16/bf16, got {q.dtype}"
@@ -113,6 +127,8 @@ def _backend_problem(name: str, q: torch.Tensor, return_lse: bool) -> str | None
     """
     if name == "reference":
         return None
+    if name == "cpu":
+        return _cpu_problem(q)
     problem = _fused_problem(q)
     if problem is not None:
         return problem
@@ -128,9 +144,10 @@ def _log_choice(message: str, *args) -> None:
 
 
 def resolve_varlen_backend(q: torch.Tensor, *, backend: str = "auto", return_lse: bool = False) -> str:
-    """The backend ``varlen_attention`` uses for query tensor ``q``: "flash_attn", "torch" or "reference".
+    """The backend ``varlen_attention`` uses for query tensor ``q``: "flash_attn", "torch", "cpu" or
+    "reference".
 
-    ``backend="auto"`` takes the first that can run (flash_attn, torch, reference). An explicit name that
+    ``backend="auto"`` takes the first that can run (flash_attn, torch, cpu, reference). An explicit name that
     cannot run here raises ``ValueError`` with the reason, rather than silently falling back.
     """
     if backend == "auto":
@@ -369,7 +386,7 @@ def varlen_attention(
             backward accumulates dq with atomics); torch's varlen backward follows
             ``torch.use_deterministic_algorithms`` instead (a warning says so when that is off); the
             reference is deterministic anyway.
-        backend: "auto", "flash_attn", "torch" or "reference" (see ``resolve_varlen_backend``).
+        backend: "auto", "flash_attn", "torch", "cpu" or "reference" (see ``resolve_varlen_backend``).
         validate: run the value checks that read the offsets (a device sync); None follows
             ``PATCHREC_KERNELS_VALIDATE`` (on by default).
 
@@ -393,6 +410,11 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale
         )
         return (out, lse.detach().float()) if return_lse else out
+    if name == "cpu":
+        out, lse = varlen_attention_cpu_op(
+            q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale
+        )
+        return (out, lse.detach()) if return_lse else out
     return _fused_attention(name, q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, scale,
                             return_lse, deterministic)  # fmt: skip
 

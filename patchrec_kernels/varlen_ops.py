@@ -122,7 +122,7 @@ def attention_pairs(
     return pairs
 
 
-def _matmul_flops(matmuls, q, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal) -> int:
+def attention_matmul_flops(matmuls, q, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal) -> int:
     # 2 FLOPs per multiply-add, per head and visible (query, key) pair, for each [q, k]-shaped matmul.
     pairs = attention_pairs(cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, q.shape[0], causal)
     return matmuls * 2 * q.shape[1] * q.shape[2] * pairs
@@ -130,11 +130,11 @@ def _matmul_flops(matmuls, q, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k
 
 @register_flop_formula(torch.ops.patchrec.varlen_attention, get_raw=True)
 def _varlen_attention_flop(q, k, v, cu_q, cu_k, max_q, max_k, causal, *args, out_val=None, **kwargs) -> int:
-    return _matmul_flops(2, q, cu_q, cu_k, max_q, max_k, causal)  # q k^T and p v
+    return attention_matmul_flops(2, q, cu_q, cu_k, max_q, max_k, causal)  # q k^T and p v
 
 
 @register_flop_formula(torch.ops.patchrec.varlen_attention_backward, get_raw=True)
 def _varlen_attention_backward_flop(grad_out, q, k, v, lse, cu_q, cu_k, max_q, max_k, causal, *args,
                                     out_val=None, **kwargs) -> int:  # fmt: skip
     # The recomputed q k^T, dP = dO v^T, dV = P^T dO, dQ = dS k, dK = dS^T q.
-    return _matmul_flops(5, q, cu_q, cu_k, max_q, max_k, causal)
+    return attention_matmul_flops(5, q, cu_q, cu_k, max_q, max_k, causal)

@@ -21,10 +21,12 @@ from patchrec_kernels.patch_embed import patch_embed, patch_embed_backward_op, p
 from patchrec_kernels.reference.varlen_attention import varlen_attention_reference
 from patchrec_kernels.runtime import HAS_TRITON, triton_can_run
 from patchrec_kernels.varlen_attention import varlen_attention
+from patchrec_kernels.varlen_attention_cpu import varlen_attention_cpu_backward_op, varlen_attention_cpu_op
 from patchrec_kernels.varlen_ops import varlen_attention_backward_op, varlen_attention_op
 
 PE, PE_BWD = torch.ops.patchrec.patch_embed, torch.ops.patchrec.patch_embed_backward
 VA, VA_BWD = torch.ops.patchrec.varlen_attention, torch.ops.patchrec.varlen_attention_backward
+VA_CPU, VA_CPU_BWD = torch.ops.patchrec.varlen_attention_cpu, torch.ops.patchrec.varlen_attention_cpu_backward
 
 
 @pytest.fixture
@@ -74,6 +76,18 @@ def test_varlen_ops_pass_opcheck(case):
     grad_out = random_tensor(torch.Generator().manual_seed(9), *q.shape, dtype=q.dtype)
     # Inputs without grad: the backward op has no derivative of its own (no double backward).
     torch.library.opcheck(varlen_attention_backward_op, (grad_out, q, k, v, lse, cu_q, cu_k, *rest))
+
+
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_varlen_cpu_ops_pass_opcheck(case):
+    """The CPU backend's ops (fp32: the backend takes no float64), blind rows and GQA included."""
+    floating = lambda a: isinstance(a, torch.Tensor) and a.is_floating_point()
+    args = [a.detach().float().requires_grad_() if floating(a) else a for a in _varlen_inputs(case)]
+    torch.library.opcheck(varlen_attention_cpu_op, tuple(args))
+    q, k, v, cu_q, cu_k, *rest = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    out, lse = varlen_attention_cpu_op(q, k, v, cu_q, cu_k, *rest)
+    grad_out = random_tensor(torch.Generator().manual_seed(9), *q.shape)
+    torch.library.opcheck(varlen_attention_cpu_backward_op, (grad_out, q, k, v, out, lse, cu_q, cu_k, *rest))
 
 
 # ------------------------------------------------------------------------- the reference's backward
@@ -130,16 +144,21 @@ def test_flop_counter_reports_patch_embed_analytic_count(triton_device):
     assert counts[PE] == counts[PE_BWD] == 2 * tokens * 33
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("case", list(VARLEN_CASES))
-def test_flop_counter_reports_varlen_attention_analytic_count(case):
+def test_flop_counter_reports_varlen_attention_analytic_count(case, backend):
     len_q, len_k, hq, _, d, causal, _, _ = VARLEN_CASES[case]
     q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = _varlen_inputs(case)
+    if backend == "cpu":  # the CPU backend takes no float64
+        q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
     pairs = _visible_pairs(len_q, len_q if len_k is None else len_k, causal)
-    extra = dict(causal=causal, scale=scale, cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+    extra = dict(causal=causal, scale=scale, cu_seqlens_k=cu_k, max_seqlen_k=max_k, backend=backend)
     counts = _counts(lambda: varlen_attention(q, k, v, cu_q, max_q, **extra).sum().backward())
+    forward, backward = (VA, VA_BWD) if backend == "reference" else (VA_CPU, VA_CPU_BWD)
+    assert set(counts) == {forward, backward}
     # Per head and visible pair: q.k and p.v forward; q.k again, dP, dV, dQ, dK backward; 2 FLOPs each.
-    assert counts[VA] == 4 * hq * d * pairs
-    assert counts[VA_BWD] == 10 * hq * d * pairs
+    assert counts[forward] == 4 * hq * d * pairs
+    assert counts[backward] == 10 * hq * d * pairs
 
 
 def test_meta_tensors_give_shapes_and_flop_bounds():

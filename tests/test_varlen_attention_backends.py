@@ -27,11 +27,19 @@ TORCH_2_13_PARAMS = frozenset({"return_aux", "scale", "window_size", "enable_gqa
 TORCH_OLD_PARAMS = frozenset({"return_aux", "is_causal"})  # 2.10-style: no window, no gqa, no scale
 
 
-def test_cpu_resolves_to_reference(caplog):
+def test_cpu_resolution(caplog):
+    """On a CPU: torch's fused CPU kernel for fp32 / bf16 / fp16, the reference for float64 and meta."""
     q = torch.randn(4, 2, 8, dtype=torch.bfloat16)
     with caplog.at_level(logging.DEBUG, logger=vmod.__name__):
-        assert resolve_varlen_backend(q) == "reference"
-    assert "backend=reference" in caplog.text
+        assert resolve_varlen_backend(q) == "cpu"
+    assert "backend=cpu" in caplog.text
+    assert resolve_varlen_backend(q.float()) == resolve_varlen_backend(q.half()) == "cpu"
+    assert resolve_varlen_backend(q.double()) == "reference"
+    assert resolve_varlen_backend(q.to("meta")) == "reference"
+    with pytest.raises(ValueError, match="float64 runs on the reference"):
+        resolve_varlen_backend(q.double(), backend="cpu")
+    with pytest.raises(ValueError, match="needs a CPU tensor"):
+        resolve_varlen_backend(q.to("meta"), backend="cpu")
     for name in ("flash_attn", "torch"):
         with pytest.raises(ValueError, match=name):
             resolve_varlen_backend(q, backend=name)
@@ -51,6 +59,7 @@ def test_installed_torch_varlen_signature():
 def fake_gpu(monkeypatch):
     """Pretend tensors sit on an sm80+ GPU so that the availability logic can be exercised on CPU."""
     monkeypatch.setattr(vmod, "_cuda_problem", lambda q: None)
+    monkeypatch.setattr(vmod, "_cpu_problem", lambda q: "needs a CPU tensor, got device cuda:0")
     return monkeypatch
 
 

@@ -279,6 +279,27 @@ def exact_split_table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def varlen_attention_table(path: Path) -> str:
+    """``benches/bench_varlen_attention.py``'s JSON: per mode and provider, min / median milliseconds and the
+    median's ratio to the run's baseline provider (``extra_info["reference"]``: ``cpu`` on a CPU) in the
+    same mode, all from the per-round times."""
+    rows, medians = [], {}
+    for b in checked_benchmarks(path):
+        info, data = b["extra_info"], np.asarray(b["stats"]["data"])
+        medians[info["mode"], info["provider"]] = float(np.median(data))
+        rows.append((info, data))
+    lines = ["| mode | provider | rounds | min (ms) | median (ms) | median / baseline's |",
+             "|---|---|---:|---:|---:|---:|"]
+    for info, data in rows:
+        base = medians.get((info["mode"], info["reference"]))
+        if base is None:
+            raise ValueError(f"{path}: no {info['reference']!r} ({info['mode']}) to divide by")
+        mid = float(np.median(data))
+        lines.append(f"| {info['mode']} | {info['provider']} | {len(data)} | {1e3 * data.min():.1f} | "
+                     f"{1e3 * mid:.1f} | {mid / base:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_table(path: Path) -> str:
     """``benches/profile_step.py``'s JSON: per configuration of the tiny training step, min / median step
     seconds (from its per-step times) and the profiled step split into the fixed cost (the ops on V-row

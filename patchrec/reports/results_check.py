@@ -52,6 +52,7 @@ from patchrec.reports.recorded_tables import (
     profile_table,
     reproduce_tables,
     train_step_ratios,
+    varlen_attention_table,
 )
 from patchrec.reports.serve_tables import serve_ratios, serve_summary, serve_table
 
@@ -171,6 +172,8 @@ RESULTS: dict[str, Result] = {
         Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
         Result("efficiency-smollm2", _efficiency, {}, _run_txt_command),
         Result("exact-split-cpu.json", _benchmark(("split", exact_split_table)), {}, benchmark_command),
+        Result("varlen-attention-cpu.json", _benchmark(("providers", varlen_attention_table)), {},
+               benchmark_command),
         Result("baselines-ml100k", _baselines, {}, _commands_txt),
         Result("demo-cpu", _demo, {"summary.md": "summary"}, _file_command("results.json")),
         Result("persrec-id-ml1m", _persrec_id, {"summary.md": "summary"}, _summary_command),
