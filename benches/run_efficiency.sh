@@ -39,9 +39,11 @@ if [ "$PATCHREC_PEER_ROUNDS" -lt 5 ]; then
 fi
 mkdir -p "$OUT"
 RUN="$OUT/run.txt"
+# Read before run.txt is opened: rewriting a committed run.txt would itself make the tree look dirty.
+COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
 {
     echo "command: PATCHREC_EFFICIENCY_PARTS=\"$PARTS\" benches/run_efficiency.sh $(printf '%q ' "$OUT" "$@")"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "commit: $COMMIT"
     echo "started: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "parts: $PARTS"
     echo "env: PATCHREC_PEER_ROUNDS=$PATCHREC_PEER_ROUNDS PATCHREC_PEER_BATCH=${PATCHREC_PEER_BATCH:-4}" \
