@@ -171,6 +171,7 @@ RESULTS: dict[str, Result] = {
         Result("persrec-llm-demo", _llm_persrec, {}, _file_command("results.json")),
         Result("efficiency-cpu", _efficiency, {}, _run_txt_command),
         Result("efficiency-smollm2", _efficiency, {}, _run_txt_command),
+        Result("efficiency-smollm2-recheck", _efficiency, {}, _run_txt_command),
         Result("exact-split-cpu.json", _benchmark(("split", exact_split_table)), {}, benchmark_command),
         Result("varlen-attention-cpu.json", _benchmark(("providers", varlen_attention_table)), {},
                benchmark_command),
